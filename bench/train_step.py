@@ -1,16 +1,24 @@
 """Training-step throughput and peak memory on CPU: our decoder vs Hugging Face's
 LlamaForCausalLM of the same shape, side by side in one run.
 
-    python bench/train_step.py --presets tiny 125m --steps 6 --batch 4 --seq 256 --threads 2
+    python bench/train_step.py --presets tiny 125m --steps 8 --repeats 3 --threads 1
 
-Besides wall-clock tokens/s the table gives tokens per CPU-second of the process
-(``time.process_time``): with ``--threads 1`` it is largely immune to other jobs on a shared
-machine. Each variant runs in its own fresh subprocess (so peak RSS is its own): build the model in fp32,
-then ``--steps`` optimizer steps of forward, masked cross-entropy, backward, gradient clipping and
-AdamW on the same random token batches; the first step is a warm-up and is not timed. Ours uses
-the project's pieces (models.model.build_model, models.loss.language_model_loss,
-pretrain.optim.build_optimizer); the baseline is a plain PyTorch loop around transformers'
-LlamaForCausalLM (attn_implementation="sdpa") with torch.optim.AdamW.
+Variants, each run ``--repeats`` times in its own fresh subprocess (so peak RSS is its own),
+alternating so that a slow spell on a shared machine hits all of them:
+
+- ``hf-llama``: a plain PyTorch loop around transformers' LlamaForCausalLM
+  (attn_implementation="sdpa"), torch.nn.functional.cross_entropy, torch.nn.utils.clip_grad_norm_
+  and torch.optim.AdamW (its default foreach kernels);
+- ``ours``: the project's pieces as the trainer runs them: models.model.build_model (oneDNN CPU
+  GEMMs, models/linear.py), models.loss.language_model_loss, pretrain.parallel.clip and
+  pretrain.optim.build_optimizer (fused AdamW);
+- ``ours+compile``: the same with every block compiled (pretrain.parallel.compile, inductor).
+
+All in fp32 on the same random token batches. Each step is forward, cross entropy, backward,
+gradient clipping and an AdamW step. The first steps are warm-up (one; two with compile, whose
+first step compiles) and are not timed. Reported: the median step over all timed steps of all
+repeats, as tokens/s of wall time and tokens per CPU-second of the process (``time.process_time``,
+which other jobs on a shared machine disturb less), and the largest peak RSS of any repeat.
 """
 
 from __future__ import annotations
@@ -19,34 +27,19 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
+VARIANTS = ("hf-llama", "ours", "ours+compile")
 
-def run_variant(variant: str, preset: str, steps: int, batch: int, seq: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    from pretrain.config import load_config
 
-    model_config = load_config(preset).model
-    vocab = model_config.vocab_size
-    tokens = torch.randint(0, vocab, (steps, batch, seq + 1))
-    if variant == "ours":
-        from models.loss import language_model_loss
-        from models.model import build_model
-        from pretrain.optim import OptimConfig, build_optimizer
-
-        model = build_model(model_config)
-        model.init_weights()
-        optimizer = build_optimizer(model, OptimConfig())
-
-        def loss_of(inputs, labels):
-            loss, _ = language_model_loss(model(inputs), labels)
-            return loss
-    else:
+def build_step(variant: str, model_config):
+    """(model, one training step on (inputs, labels) returning the loss)."""
+    if variant == "hf-llama":
         from transformers import LlamaForCausalLM
 
         from tools.hf_llama import to_hf_config
@@ -59,26 +52,58 @@ def run_variant(variant: str, preset: str, steps: int, batch: int, seq: int, thr
             logits = model(input_ids=inputs).logits
             return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
-    params = sum(p.numel() for p in model.parameters())
-    times, cpu_times = [], []
-    for step in range(steps):
-        inputs, labels = tokens[step, :, :-1], tokens[step, :, 1:]
-        started, cpu_started = time.perf_counter(), time.process_time()
+        clip = torch.nn.utils.clip_grad_norm_
+    else:
+        from models.loss import language_model_loss
+        from models.model import build_model
+        from pretrain.optim import OptimConfig, build_optimizer
+        from pretrain.parallel.clip import clip_grad_norm_
+
+        model = build_model(model_config)
+        model.init_weights()
+        if variant == "ours+compile":
+            from pretrain.parallel.compile import apply_compile
+
+            apply_compile(model)
+        optimizer = build_optimizer(model, OptimConfig())
+
+        def loss_of(inputs, labels):
+            return language_model_loss(model(inputs), labels)[0]
+
+        clip = clip_grad_norm_
+
+    def step(inputs, labels):
         loss = loss_of(inputs, labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-        cpu_times.append(time.process_time() - cpu_started)
-    timed = times[1:]
+        return loss.detach()
+
+    return model, step
+
+
+def run_variant(variant: str, preset: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    from pretrain.config import load_config
+
+    model_config = load_config(preset).model
+    warmup = 2 if variant == "ours+compile" else 1
+    tokens = torch.randint(0, model_config.vocab_size, (warmup + steps, batch, seq + 1))
+    model, step = build_step(variant, model_config)
+    wall, cpu = [], []
+    for index in range(warmup + steps):
+        inputs, labels = tokens[index, :, :-1], tokens[index, :, 1:]
+        started, cpu_started = time.perf_counter(), time.process_time()
+        loss = step(inputs, labels)
+        if index >= warmup:
+            wall.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - cpu_started)
     return {
-        "variant": variant,
-        "preset": preset,
-        "params": params,
-        "tokens_per_s": batch * seq * len(timed) / sum(timed),
-        "tokens_per_cpu_s": batch * seq * len(timed) / sum(cpu_times[1:]),
-        "step_s": sum(timed) / len(timed),
+        "params": sum(p.numel() for p in model.parameters()),
+        "wall": wall,
+        "cpu": cpu,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "final_loss": float(loss),
     }
@@ -87,42 +112,46 @@ def run_variant(variant: str, preset: str, steps: int, batch: int, seq: int, thr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "125m"])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per run")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per variant; best is reported")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per variant")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.preset, args.steps, args.batch, args.seq, args.threads)))
         return
-    rows = []
+    tokens = args.batch * args.seq
+    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "
+          f"batch {args.batch} x seq {args.seq}, fp32, {args.steps} timed steps x {args.repeats} runs per variant, "
+          "median step\n")
+    header = "| preset | variant | tokens/s | vs HF | tokens/CPU-s | vs HF | peak RSS GiB | final loss |"
+    print(header + "\n|---|---|---:|---:|---:|---:|---:|---:|")
     for preset in args.presets:
-        best = {}  # per variant, the run with the most tokens per CPU-second
+        runs = {variant: [] for variant in args.variants}
         for _ in range(args.repeats):
-            for variant in ("hf-llama", "ours"):
+            for variant in args.variants:
                 out = subprocess.run(
                     [sys.executable, __file__, "--variant", variant, "--preset", preset, "--steps", str(args.steps),
                      "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)],
                     check=True, capture_output=True, text=True,
                 ).stdout
-                result = json.loads(out.strip().splitlines()[-1])
-                if variant not in best or result["tokens_per_cpu_s"] > best[variant]["tokens_per_cpu_s"]:
-                    best[variant] = result
-        rows.append((preset, best))
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "
-          f"batch {args.batch} x seq {args.seq}, fp32, {args.steps - 1} timed steps, best of {args.repeats}\n")
-    print("| preset | params | HF Llama tok/s | ours tok/s | speedup | HF tok/CPU-s | ours tok/CPU-s | speedup (CPU time) "
-          "| HF peak RSS GiB | ours peak RSS GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for preset, best in rows:
-        hf, ours = best["hf-llama"], best["ours"]
-        print(f"| {preset} | {ours['params'] / 1e6:.1f}M | {hf['tokens_per_s']:,.0f} | {ours['tokens_per_s']:,.0f} | "
-              f"{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x | {hf['tokens_per_cpu_s']:,.0f} | "
-              f"{ours['tokens_per_cpu_s']:,.0f} | {ours['tokens_per_cpu_s'] / hf['tokens_per_cpu_s']:.2f}x | "
-              f"{hf['peak_rss_gib']:.2f} | {ours['peak_rss_gib']:.2f} |")
+                runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+        rates = {}
+        for variant, results in runs.items():
+            wall = statistics.median(t for r in results for t in r["wall"])
+            cpu = statistics.median(t for r in results for t in r["cpu"])
+            rates[variant] = (tokens / wall, tokens / cpu)
+        base = rates.get("hf-llama")
+        for variant, results in runs.items():
+            per_s, per_cpu_s = rates[variant]
+            vs = (f"{per_s / base[0]:.2f}x", f"{per_cpu_s / base[1]:.2f}x") if base else ("", "")
+            print(f"| {preset} ({results[0]['params'] / 1e6:.1f}M) | {variant} | {per_s:,.0f} | {vs[0]} | "
+                  f"{per_cpu_s:,.0f} | {vs[1]} | {max(r['peak_rss_gib'] for r in results):.2f} | "
+                  f"{results[0]['final_loss']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from torch import nn
 
 from models.attention_backends import get_backend
 from models.context import ForwardContext
+from models.linear import Linear
 from models.rope import apply_rope
 
 
@@ -30,10 +31,10 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.window = window
         self.backend = get_backend(backend)
-        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.wq = Linear(d_model, n_heads * self.head_dim)
+        self.wk = Linear(d_model, n_kv_heads * self.head_dim)
+        self.wv = Linear(d_model, n_kv_heads * self.head_dim)
+        self.wo = Linear(n_heads * self.head_dim, d_model)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):

@@ -26,6 +26,7 @@ from models.block import Block
 from models.context import ForwardContext
 from models.factories import build_ffn, build_mixer
 from models.kv_cache import KVCache
+from models.linear import Linear
 from models.norm import RMSNorm
 from models.rope import rope_tables
 
@@ -43,7 +44,7 @@ class Decoder(nn.Module):
             }
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = Linear(config.d_model, config.vocab_size)
         self.init_weights()
 
     def tie_weights(self) -> None:

@@ -101,15 +101,16 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA parameters and foreach elsewhere."""
-    on_cuda = any(p.is_cuda for p in model.parameters())
+    """AdamW, by torch's fused kernel (one pass over each tensor's parameter, gradient and both
+    moments) on CPU and CUDA parameters, by the foreach kernels on any other device."""
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     return torch.optim.AdamW(
         param_groups(model, config),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         eps=config.eps,
-        fused=True if on_cuda else None,
-        foreach=None if on_cuda else True,
+        fused=True if fused else None,
+        foreach=None if fused else True,
     )
 
 

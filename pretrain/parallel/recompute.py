@@ -7,9 +7,9 @@ Modes (``train.recompute``):
   in backward; its inputs q, k, v are kept. With an unfused kernel this drops the O(a·s²)
   scores and probabilities; with a fused one (SDPA flash) it drops the kernel's output and
   log-sum-exp.
-- ``op``: an op-level policy over the whole block: outputs of matrix multiplies, of the
-  attention kernel and of reducing collectives (reduce-scatter, all-reduce) are saved,
-  everything else (norms, RoPE, SiLU and products, all-gathers) is recomputed — under sequence
+- ``op``: an op-level policy over the whole block: outputs of matrix multiplies (aten's and the
+  oneDNN CPU product of models/linear.py), of the attention kernel and of reducing collectives
+  (reduce-scatter, all-reduce) are saved, everything else (norms, RoPE, SiLU and products, all-gathers) is recomputed — under sequence
   parallelism the backward gathers the sequence again, as Megatron does. A row-parallel GEMM's
   unreduced output is not kept (its reduced result is).
 - ``full``: only the block's input is kept; the whole block runs again in backward.
@@ -28,6 +28,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from models.linear import GEMM_OPS
+
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
 
 _aten = torch.ops.aten
@@ -35,6 +37,7 @@ SAVED_OPS = {
     _aten.mm.default,
     _aten.addmm.default,
     _aten.bmm.default,
+    *GEMM_OPS,
     _aten._scaled_dot_product_flash_attention.default,
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_efficient_attention.default,
