@@ -4,7 +4,9 @@ On CPU, aten's fp32 ``mm`` calls MKL's sgemm. On the AMD EPYC (Zen 4) machines t
 developed and tested on, MKL reaches 80-92% of a core's fp32 peak on this model's shapes, oneDNN's
 AVX-512 kernels 95-100% (``python bench/cpu_gemm.py``). So the forward product x·Wᵀ and the
 input gradient g·W run on oneDNN; the weight gradient gᵀ·x stays on aten, where oneDNN is no
-faster (it would need transposed copies of both operands).
+faster (it would need transposed copies of both operands). For g·W oneDNN first copies Wᵀ; for
+weights over ``LARGE_WEIGHT`` elements (a 32k-vocabulary head) that copy costs more than the
+kernel saves, and aten computes g·W.
 
 Under torch.compile both oneDNN products are one custom op, ``pretrain::mm_nt`` (a·bᵀ), with its
 own autograd formula and a shape-only fake implementation: inductor keeps it as an opaque kernel
@@ -24,6 +26,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PLAIN = (torch.Tensor, nn.Parameter)
+LARGE_WEIGHT = 1 << 23
 
 
 def _onednn_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,9 +45,14 @@ class _MmNT(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a, b = ctx.saved_tensors
-        grad_a = _onednn_mm_nt(grad, b.t()) if ctx.needs_input_grad[0] else None
+        grad_a = _input_grad(grad, b, _onednn_mm_nt) if ctx.needs_input_grad[0] else None
         grad_b = grad.t().mm(a) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b
+
+
+def _input_grad(grad: torch.Tensor, weight: torch.Tensor, product) -> torch.Tensor:
+    """g·W: by ``product`` (a oneDNN a·bᵀ) unless W is large, then by aten."""
+    return grad.mm(weight) if weight.numel() > LARGE_WEIGHT else product(grad, weight.t())
 
 
 @torch.library.custom_op("pretrain::mm_nt", mutates_args=())
@@ -65,7 +73,7 @@ def _mm_nt_setup_context(ctx, inputs, output) -> None:
 
 def _mm_nt_backward(ctx, grad: torch.Tensor):
     a, b = ctx.saved_tensors
-    grad_a = mm_nt(grad, b.t()) if ctx.needs_input_grad[0] else None
+    grad_a = _input_grad(grad, b, mm_nt) if ctx.needs_input_grad[0] else None
     grad_b = grad.t().mm(a) if ctx.needs_input_grad[1] else None
     return grad_a, grad_b
 
