@@ -4,9 +4,10 @@ On CPU, aten's fp32 ``mm`` calls MKL's sgemm. On the AMD EPYC (Zen 4) machines t
 developed and tested on, MKL reaches 80-92% of a core's fp32 peak on this model's shapes, oneDNN's
 AVX-512 kernels 95-100% (``python bench/cpu_gemm.py``). So the forward product x·Wᵀ and the
 input gradient g·W run on oneDNN; the weight gradient gᵀ·x stays on aten, where oneDNN is no
-faster (it would need transposed copies of both operands). For g·W oneDNN first copies Wᵀ; for
-weights over ``LARGE_WEIGHT`` elements (a 32k-vocabulary head) that copy costs more than the
-kernel saves, and aten computes g·W.
+faster (it would need transposed copies of both operands). For g·W oneDNN first copies Wᵀ;
+that transposed copy is cheap while W fits in cache and slow beyond (in the 125m preset's real
+step: 0.3 ms for a 768×768 weight, 17.6 ms for 2560×768), so for weights over ``LARGE_WEIGHT``
+elements aten computes g·W.
 
 Under torch.compile both oneDNN products are one custom op, ``pretrain::mm_nt`` (a·bᵀ), with its
 own autograd formula and a shape-only fake implementation: inductor keeps it as an opaque kernel
@@ -26,7 +27,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _PLAIN = (torch.Tensor, nn.Parameter)
-LARGE_WEIGHT = 1 << 23
+LARGE_WEIGHT = 1 << 20
 
 
 def _onednn_mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
