@@ -81,7 +81,8 @@ def _mm_nt_backward(ctx, grad: torch.Tensor):
 
 mm_nt.register_autograd(_mm_nt_backward, setup_context=_mm_nt_setup_context)
 
-# The kernels' FLOPs (FlopCounterMode has no formula for either op otherwise).
+# The two ops these products run as (compiled, eager): FlopCounterMode gets their formula below,
+# and the ``op`` recompute policy (pretrain/parallel/recompute.py) saves their outputs like mm's.
 GEMM_OPS = (torch.ops.pretrain.mm_nt.default, torch.ops.mkldnn._linear_pointwise.default) if ONEDNN_AVAILABLE else ()
 
 
