@@ -9,12 +9,59 @@ micro-batch means would over-weight micro-batches with few unmasked tokens.
 
 z-loss (PaLM): ``z_loss · logsumexp(logits)²`` per token, normalised the same way; it keeps
 the softmax normaliser near 1 (log Z near 0) for stability in low precision. 1e-4 is typical.
+
+The per-token cross entropy is one autograd Function (``token_cross_entropy``) that keeps only the
+logits and each row's logsumexp for backward. F.cross_entropy stores a [tokens, vocab]
+log-softmax and its backward makes two more buffers of that size (zeros for the NLL gradient,
+then the log-softmax gradient). Here backward writes the one gradient buffer directly, in
+cache-sized row blocks. For the 125m preset's 32k vocabulary on CPU, this saves about 0.4 s
+of a ~10 s step and 260 MB of peak memory. For the 1b preset's 128k vocabulary, each
+[tokens, vocab] fp32 buffer is 4 GB per micro-batch.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+
+CPU_BLOCK, DEVICE_BLOCK = 1 << 20, 1 << 26
+
+
+def _row_blocks(logits: torch.Tensor):
+    """Row slices of about CPU_BLOCK logits each on CPU, so that temporaries stay in cache (on
+    accelerators DEVICE_BLOCK: few kernel launches, bounded temporaries)."""
+    rows, vocab = logits.shape
+    step = max(1, (CPU_BLOCK if logits.device.type == "cpu" else DEVICE_BLOCK) // vocab)
+    return (slice(start, start + step) for start in range(0, rows, step))
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor):
+        lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+        for rows in _row_blocks(logits):
+            torch.logsumexp(logits[rows], dim=-1, out=lse[rows])
+        ce = lse - logits.gather(1, labels[:, None]).squeeze(1)
+        ctx.save_for_backward(logits, labels, lse)
+        return ce, lse
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor | None, grad_lse: torch.Tensor | None):
+        logits, labels, lse = ctx.saved_tensors
+        grad_ce = torch.zeros_like(lse) if grad_ce is None else grad_ce
+        row_scale = grad_ce if grad_lse is None else grad_ce + grad_lse
+        grad = torch.empty_like(logits)
+        for rows in _row_blocks(logits):
+            block = torch.sub(logits[rows], lse[rows, None], out=grad[rows])
+            block.exp_().mul_(row_scale[rows, None])
+        grad.scatter_add_(1, labels[:, None], -grad_ce[:, None])
+        return grad, None
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row cross entropy ``logsumexp(logits) − logits[label]`` and the logsumexp itself, for
+    fp32 ``logits`` [N, V] and ``labels`` [N] (class ids in [0, V)); both [N], differentiable."""
+    return _TokenCrossEntropy.apply(logits, labels)
 
 
 def language_model_loss(
@@ -37,12 +84,13 @@ def language_model_loss(
     mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.flatten().float()
     local_tokens = mask.sum()
     denominator = local_tokens.clamp(min=1) if normalizer is None else normalizer
-    ce_sum = (F.cross_entropy(logits, labels, reduction="none") * mask).sum()
+    token_ce, lse = token_cross_entropy(logits, labels.clamp(min=0))
+    ce_sum = (token_ce * mask).sum()
     ce = ce_sum / denominator
     loss = ce
     z = torch.zeros((), device=logits.device)
     if z_loss > 0:
-        z = z_loss * (torch.logsumexp(logits, dim=-1).pow(2) * mask).sum() / denominator
+        z = z_loss * (lse.pow(2) * mask).sum() / denominator
         loss = loss + z
     metrics = {
         "ce_loss": ce.detach(),

@@ -384,8 +384,10 @@ def _kill_mid_save(proc: subprocess.Popen, mode: str) -> list[int]:
         if line.strip() == "STALL":
             break
     proc.send_signal(signal.SIGKILL)
-    rest, _ = proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, mode
+    assert proc.wait(timeout=30) == -signal.SIGKILL, mode
+    # Read the rest through the same buffered file: lines the loop above already pulled into its
+    # buffer are not in the pipe any more (communicate() would read the pipe and miss them).
+    rest = proc.stdout.read()
     return saved + [int(line.split()[1]) for line in rest.splitlines() if line.startswith("SAVED")]
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from models.loss import language_model_loss
+from models.loss import language_model_loss, token_cross_entropy
 
 
 def _reference(logits, labels, mask, z_coef=0.0):
@@ -65,3 +65,36 @@ def test_masked_positions_get_no_gradient():
     loss.backward()
     assert torch.all(logits.grad[0, 1:3] == 0)
     assert torch.all(logits.grad[0, [0, 3]].abs().sum(-1) > 0)
+
+
+def test_token_cross_entropy_gradients_pass_gradcheck_across_row_blocks(monkeypatch):
+    import models.loss
+
+    monkeypatch.setattr(models.loss, "CPU_BLOCK", 40)  # 40 // 13 = 3 rows per block: 3 blocks
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(7, 13, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    labels = torch.randint(0, 13, (7,), generator=g)
+    assert torch.autograd.gradcheck(lambda x: token_cross_entropy(x, labels), (logits,))
+    ce, lse = token_cross_entropy(logits, labels)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
+
+
+def test_token_cross_entropy_in_fp32_is_as_accurate_as_torch_against_fp64_beyond_one_block():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, 150_000, generator=g) * 4  # 6 rows per block: 2 blocks
+    labels = torch.randint(0, 150_000, (9,), generator=g)
+    weights = torch.rand(9, generator=g)
+
+    def loss_and_grad(fn, x):
+        x = x.clone().requires_grad_()
+        per_row = fn(x)
+        (per_row * weights.to(x.dtype)).sum().backward()
+        return per_row.detach().double(), x.grad.double()
+
+    exact = loss_and_grad(lambda x: torch.nn.functional.cross_entropy(x, labels, reduction="none"), logits.double())
+    ours = loss_and_grad(lambda x: token_cross_entropy(x, labels)[0], logits)
+    torch_fp32 = loss_and_grad(lambda x: torch.nn.functional.cross_entropy(x, labels, reduction="none"), logits)
+    for mine, theirs, reference in zip(ours, torch_fp32, exact):
+        torch.testing.assert_close(mine, reference, rtol=2e-6, atol=2e-6)
+        assert (mine - reference).abs().max() <= (theirs - reference).abs().max()
