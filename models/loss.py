@@ -14,9 +14,9 @@ The per-token cross entropy is one autograd Function (``token_cross_entropy``) t
 logits and each row's logsumexp for backward. F.cross_entropy stores a [tokens, vocab]
 log-softmax and its backward makes two more buffers of that size (zeros for the NLL gradient,
 then the log-softmax gradient). Here backward writes the one gradient buffer directly, in
-cache-sized row blocks. For the 125m preset's 32k vocabulary on CPU, this saves about 0.4 s
-of a ~10 s step and 260 MB of peak memory. For the 1b preset's 128k vocabulary, each
-[tokens, vocab] fp32 buffer is 4 GB per micro-batch.
+cache-sized row blocks. At the 125m preset's shape on CPU ([1024, 32000] fp32), forward and
+backward take 201 ms instead of 266 ms, with 228 MB less peak memory. At the 1b preset's 128k
+vocabulary, each such buffer is 4 GB per micro-batch of 2 × 4096 tokens.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def language_model_loss(
     mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.flatten().float()
     local_tokens = mask.sum()
     denominator = local_tokens.clamp(min=1) if normalizer is None else normalizer
+    # Masked positions may hold -100; any class id will do there, as their loss is multiplied by 0.
     token_ce, lse = token_cross_entropy(logits, labels.clamp(min=0))
     ce_sum = (token_ce * mask).sum()
     ce = ce_sum / denominator

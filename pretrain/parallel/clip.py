@@ -38,7 +38,8 @@ def _grad_groups(params: Iterable[torch.Tensor]) -> dict[object, list[torch.Tens
 
 
 def _cpu_chunks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU gradients as flat pieces of at most CPU_CHUNK elements (views of contiguous gradients); others unchanged."""
+    """CPU gradients as flat pieces of at most CPU_CHUNK elements (views, for contiguous
+    gradients); gradients on other devices unchanged."""
     return [
         piece
         for g in grads

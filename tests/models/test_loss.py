@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from models.loss import language_model_loss, token_cross_entropy
@@ -98,3 +99,22 @@ def test_token_cross_entropy_in_fp32_is_as_accurate_as_torch_against_fp64_beyond
     for mine, theirs, reference in zip(ours, torch_fp32, exact):
         torch.testing.assert_close(mine, reference, rtol=2e-6, atol=2e-6)
         assert (mine - reference).abs().max() <= (theirs - reference).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_token_cross_entropy_on_cuda_matches_the_cpu_function_across_device_blocks(monkeypatch):
+    import models.loss
+
+    monkeypatch.setattr(models.loss, "DEVICE_BLOCK", 3 * 50_000)  # 3 rows per block on the GPU
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(10, 50_000, generator=g) * 4
+    labels = torch.randint(0, 50_000, (10,), generator=g)
+    weights = torch.rand(10, generator=g)
+    results = []
+    for device in ("cpu", "cuda"):
+        x = logits.to(device).requires_grad_()
+        ce, lse = token_cross_entropy(x, labels.to(device))
+        ((ce + 0.1 * lse.pow(2)) * weights.to(device)).sum().backward()
+        results.append((ce.detach().cpu(), lse.detach().cpu(), x.grad.cpu()))
+    for on_cpu, on_gpu in zip(*results):
+        torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-5, atol=1e-6)
