@@ -55,4 +55,6 @@ def test_clip_scales_like_torch_and_skips_params_without_gradients():
     for ours, theirs in zip(params, torch_params):
         torch.testing.assert_close(ours.grad, theirs.grad)
     assert params[2].grad is None
-    assert clip_grad_norm_(params, 0.0) == global_grad_norm(params).item()
+    clipped = [p.grad.clone() for p in params[:2]]
+    assert math.isclose(clip_grad_norm_(params, 0.0), _exact_norm(params[:2]), rel_tol=1e-6)  # 0: no clipping
+    assert all(torch.equal(p.grad, before) for p, before in zip(params[:2], clipped))
