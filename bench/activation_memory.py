@@ -7,7 +7,7 @@ Three markdown tables:
 1. One process: for blocks shaped like the named presets (2 blocks each), the bytes per block
    that autograd keeps for backward, measured with saved-tensor hooks
    (pretrain.parallel.memory.ActivationMeter), next to the derivation
-   (pretrain.parallel.memory.block_activation_bytes), for each recompute mode, in fp32 and with
+   (models.decoder.activations.block_activation_bytes), for each recompute mode, in fp32 and with
    bf16 parameters (the FSDP2 mixed-precision regime), SDPA on unpacked causal rows.
 2. The same per rank under TP2 and TP2+SP (2 gloo processes, bf16, the first shape).
 3. Derived only, per block at each preset's training length in bf16, one GPU and TP8+SP, with
@@ -31,8 +31,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.decoder.activations import block_activation_bytes  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.parallel.memory import block_activation_bytes, measure_activations  # noqa: E402
+from pretrain.parallel.memory import measure_activations  # noqa: E402
 from pretrain.parallel.recompute import RECOMPUTE_MODES  # noqa: E402
 
 MIB = 2**20
@@ -100,7 +101,7 @@ def tp_table(preset: str, batch: int, seq: int) -> list[str]:
 
 def korthikanti(config, batch: int, seq: int, tp: int, selective: bool) -> float:
     """Their GPT block, 16-bit, TP+SP (tp=1: no parallelism)."""
-    s, b, h, a = seq, batch, config.d_model, config.n_heads
+    s, b, h, a = seq, batch, config.d_model, config.mixer.n_heads
     quadratic = 0 if selective else 5 * a * s / h
     return s * b * h / tp * (34 + quadratic)
 

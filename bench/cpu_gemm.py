@@ -26,13 +26,14 @@ def layer_shapes(preset: str) -> list[tuple[str, int, int]]:
     from pretrain.config import load_config
 
     config = load_config(preset).model
-    head_dim = config.d_model // config.n_heads
+    attention, ffn = config.mixer, config.ffn  # the presets: uniform attention + SwiGLU blocks
+    head_dim = attention.resolved_head_dim(config.d_model)
     shapes = {
-        "wq": (config.d_model, config.n_heads * head_dim),
-        "wk/wv": (config.d_model, config.n_kv_heads * head_dim),
-        "wo": (config.n_heads * head_dim, config.d_model),
-        "w1/w3": (config.d_model, config.d_ff),
-        "w2": (config.d_ff, config.d_model),
+        "wq": (config.d_model, attention.n_heads * head_dim),
+        "wk/wv": (config.d_model, attention.n_kv_heads * head_dim),
+        "wo": (attention.n_heads * head_dim, config.d_model),
+        "w1/w3": (config.d_model, ffn.d_ff),
+        "w2": (ffn.d_ff, config.d_model),
         "head": (config.d_model, config.vocab_size),
     }
     return [(name, d_in, d_out) for name, (d_in, d_out) in shapes.items()]

@@ -9,7 +9,7 @@ AdamW. Modes take turns step by step, so that load from other jobs on a shared m
 over all of them; the first round is a warm-up. The table gives the median wall-clock and CPU
 time (``time.process_time``, robust to other jobs with ``--threads 1``) per step, the CPU time
 relative to no recomputation, and the derived activation bytes per block, averaged over the
-blocks (pretrain.parallel.memory.block_activation_bytes; tests check it against measurement).
+blocks (models.decoder.activations.block_activation_bytes; tests check it against measurement).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.decoder.activations import block_activation_bytes  # noqa: E402
 from models.loss import language_model_loss  # noqa: E402
-from models.model import build_model  # noqa: E402
+from models.spec import build_model  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 from pretrain.optim import OptimConfig, build_optimizer  # noqa: E402
-from pretrain.parallel.memory import block_activation_bytes  # noqa: E402
 from pretrain.parallel.recompute import apply_ac  # noqa: E402
 
 VARIANTS = [("none", 1), ("selective", 1), ("op", 1), ("full", 1), ("full", 2)]

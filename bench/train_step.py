@@ -9,7 +9,7 @@ alternating so that a slow spell on a shared machine hits all of them:
 - ``hf-llama``: a plain PyTorch loop around transformers' LlamaForCausalLM
   (attn_implementation="sdpa"), torch.nn.functional.cross_entropy, torch.nn.utils.clip_grad_norm_
   and torch.optim.AdamW (its default foreach kernels);
-- ``ours``: the project's pieces as the trainer runs them: models.model.build_model (oneDNN CPU
+- ``ours``: the project's pieces as the trainer runs them: models.spec.build_model (oneDNN CPU
   GEMMs, models/linear.py), models.loss.language_model_loss, pretrain.parallel.clip and
   pretrain.optim.build_optimizer (fused AdamW);
 - ``ours+compile``: the same with every block compiled (pretrain.parallel.compile, inductor).
@@ -42,9 +42,9 @@ def build_step(variant: str, model_config):
     if variant == "hf-llama":
         from transformers import LlamaForCausalLM
 
-        from tools.hf_llama import to_hf_config
+        from models.decoder.hf import LLAMA_ADAPTER
 
-        model = LlamaForCausalLM(to_hf_config(model_config))
+        model = LlamaForCausalLM(LLAMA_ADAPTER.config_to_hf(model_config))
         model.config._attn_implementation = "sdpa"
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
@@ -55,7 +55,7 @@ def build_step(variant: str, model_config):
         clip = torch.nn.utils.clip_grad_norm_
     else:
         from models.loss import language_model_loss
-        from models.model import build_model
+        from models.spec import build_model
         from pretrain.optim import OptimConfig, build_optimizer
         from pretrain.parallel.clip import clip_grad_norm_
 

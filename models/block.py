@@ -1,7 +1,9 @@
 """Pre-norm residual block: x += mixer(norm(x), ctx); x += ffn(norm(x)).
 
-The block knows nothing about what its mixer or FFN is: any module with
-``forward(x, ctx)`` (mixer) or ``forward(x)`` (FFN) and ``init_weights(init_std, out_std)`` fits.
+The block knows nothing about what its mixer or FFN is: any module with ``forward(x, ctx)``
+(mixer) or ``forward(x)`` (FFN) and ``init_weights(init_std, out_std)`` fits. Its tensor-parallel
+plan covers its own modules: the norms work per token, the mixer and FFN each take one gathered
+copy of their input (their own plans shard their projections).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from torch import nn
 
 from models.context import ForwardContext
 from models.norm import RMSNorm
+from models.plans import GatherInputs, Tokenwise
 
 
 class Block(nn.Module):
@@ -26,6 +29,14 @@ class Block(nn.Module):
         self.ffn_norm.reset_parameters()
         self.mixer.init_weights(init_std, out_std)
         self.ffn.init_weights(init_std, out_std)
+
+    def tp_plan(self) -> dict:
+        return {
+            "mixer_norm": Tokenwise(),
+            "mixer": GatherInputs((True, False)),  # (x, ctx)
+            "ffn_norm": Tokenwise(),
+            "ffn": GatherInputs((True,)),
+        }
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), ctx)

@@ -1,4 +1,4 @@
-"""Per-forward inputs shared by every block of a model."""
+"""Per-forward inputs shared by the blocks of a model, and the decode state of a generation."""
 
 from __future__ import annotations
 
@@ -7,27 +7,38 @@ from typing import Any
 
 import torch
 
-from models.kv_cache import KVCache
+
+class DecodeState:
+    """Generation state: one entry per stateful mixer (a KV cache, a window cache, a recurrent
+    state, a static cross-attention KV), keyed by the mixer's ``layer_id``, plus the number of
+    positions already processed. The family advances ``length`` after each forward."""
+
+    def __init__(self, layers: dict[Any, Any], max_len: int):
+        self.layers = layers
+        self.max_len = max_len
+        self.length = 0
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def nbytes(self) -> int:
+        """Bytes held by the layers' states (what a cache-size formula is checked against)."""
+        return sum(state.nbytes() for state in self.layers.values())
 
 
-@dataclass
+@dataclass(frozen=True)
 class ForwardContext:
-    """Rotary tables, document ids and the KV cache for one forward.
+    """What every block of one forward shares, computed once before the first block:
 
-    ``q_len`` new positions follow the ``kv_len - q_len`` already in the cache. Attention masks
-    are built on first use per (backend, window) and reused by every later layer.
+    - ``rope``: rotary tables ``(cos, sin)`` [B, S, head_dim] by head dimension;
+    - ``attention``: each attention spec, prepared by its backend, keyed by the mixers'
+      ``attention_key`` (models/attention/layer.py);
+    - ``segments``: document ids [B, S] of packed rows (for mixers that must not carry state
+      across documents), or None;
+    - ``state``: the decode state when generating, else None.
     """
 
-    cos: torch.Tensor
-    sin: torch.Tensor
-    doc_ids: torch.Tensor | None
-    q_len: int
-    kv_len: int
-    kv_cache: KVCache | None = None
-    _masks: dict = field(default_factory=dict)
-
-    def mask(self, backend, window: int | None) -> Any:
-        key = (backend.name, window)
-        if key not in self._masks:
-            self._masks[key] = backend.prepare(self.doc_ids, self.q_len, self.kv_len, window, self.cos.device)
-        return self._masks[key]
+    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    attention: dict[Any, Any] = field(default_factory=dict)
+    segments: torch.Tensor | None = None
+    state: DecodeState | None = None

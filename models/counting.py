@@ -1,19 +1,22 @@
-"""Parameter and FLOP counts from a ModelConfig, and model FLOPs utilisation (MFU).
+"""Parameter and FLOP counts, read off the modules of a model (built on the meta device, so
+nothing is allocated), and model FLOPs utilisation (MFU).
 
-Parameters: ``embedding`` is the input table (V·d); ``head`` is the output projection when
-untied (V·d) and 0 when tied (the shared matrix is counted once, as embedding);
-``non_embedding`` = total − embedding (so it includes an untied head).
+Parameters: ``total`` counts each parameter once (a tied head is the embedding); ``embedding``
+is the input tables (``nn.Embedding``); ``non_embedding`` = total − embedding (so it includes an
+untied head); ``active`` is what one token uses: the total minus what modules that route tokens
+(mixture of experts) report as skipped per token (``inactive_params_per_token()``).
 
-Training FLOPs per token (the convention used for MFU):
+Training FLOPs per token (the convention used for MFU), forward × 3 (backward = 2 × forward):
 
-    6 · (matmul weights: every block Linear + the head, tied or not)   # 2 forward, 4 backward
-  + 6 · n_layers · n_heads · head_dim · S                             # causal attention
+    forward = Σ over linear layers 2·in·out            # every projection and the head, tied or not
+            + Σ over modules core_flops_per_token(S)   # e.g. attention's q·kᵀ and ·v
 
-The attention term counts QKᵀ and A·V for the causal half only: forward 2·b·h·s²·d per layer
-(half of the dense 4·b·h·s²·d), ×3 for forward + backward. Packed documents with a document mask
-do less attention work than this; like the usual reporting conventions we count by S. Not
-counted: the embedding lookup, norms, RoPE, softmax, SiLU, residual adds and the loss
-(elementwise, O(d) per token rather than O(d²)).
+A module reports in ``core_flops_per_token`` the forward FLOPs it does outside its linear
+layers (models/attention/layer.py: causal attention counted over S/2 keys per query, a window W
+over W − W²/(2S)); a module whose linear work is not done by every token (experts) reports its
+``linear_flops_per_token`` instead of having its linear layers counted. Not counted: the
+embedding lookup, norms, RoPE, softmax, activations, residual adds and the loss (elementwise,
+O(d) per token rather than O(d²)). MFU uses these active FLOPs.
 """
 
 from __future__ import annotations
@@ -21,53 +24,84 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 @dataclass(frozen=True)
 class ParamCounts:
     total: int
     embedding: int
-    head: int
     non_embedding: int
+    active: int
 
 
-def _attention_weights(c) -> int:
-    q_and_out = 2 * c.d_model * c.n_heads * c.head_dim
-    k_and_v = 2 * c.d_model * c.n_kv_heads * c.head_dim
-    return q_and_out + k_and_v
+class _SkipInPlaceFill(TorchFunctionMode):
+    """Makes in-place fills (``normal_``, ``uniform_``, ...) no-ops while a model is built on the
+    meta device: they have no values to write there, yet torch's meta implementations of the
+    random fills cost milliseconds each, which dominated counting a large model."""
+
+    FILLS = {"normal_", "uniform_", "fill_", "zero_", "copy_", "exponential_", "bernoulli_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__name__", "") in self.FILLS and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
 
 
-def _swiglu_weights(c) -> int:
-    return 3 * c.d_model * c.d_ff
+def build_meta(config) -> nn.Module:
+    from models.spec import build_model
+
+    with torch.device("meta"), _SkipInPlaceFill():
+        return build_model(config)
 
 
-MIXER_WEIGHTS = {"attention": _attention_weights}
-FFN_WEIGHTS = {"swiglu": _swiglu_weights}
+def count_params(model: nn.Module) -> ParamCounts:
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+    inactive = sum(m.inactive_params_per_token() for m in model.modules() if hasattr(m, "inactive_params_per_token"))
+    return ParamCounts(total=total, embedding=embedding, non_embedding=total - embedding, active=total - inactive)
 
 
-def block_matmul_params(config) -> int:
-    """Weights of one block's matrix multiplies (no norms)."""
-    return MIXER_WEIGHTS[config.mixer](config) + FFN_WEIGHTS[config.ffn](config)
+def forward_flops_per_token(model: nn.Module, seq_len: int) -> int:
+    """Forward FLOPs per token of ``model`` at sequence length ``seq_len`` (see the module doc)."""
+    skipped: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if id(module) in skipped:
+            continue
+        if hasattr(module, "linear_flops_per_token"):
+            total += module.linear_flops_per_token()
+            skipped.update(id(m) for m in module.modules() if isinstance(m, nn.Linear))
+        if isinstance(module, nn.Linear):
+            total += 2 * module.in_features * module.out_features
+        if hasattr(module, "core_flops_per_token"):
+            total += module.core_flops_per_token(seq_len)
+    return total
+
+
+_CACHE: dict[str, tuple[ParamCounts, dict[int, int]]] = {}
+
+
+def _cached(config) -> tuple[ParamCounts, dict[int, int]]:
+    key = repr(config)
+    if key not in _CACHE:
+        _CACHE[key] = (count_params(build_meta(config)), {})
+    return _CACHE[key]
 
 
 def param_counts(config) -> ParamCounts:
-    norms_per_block = 2 * config.d_model
-    blocks = config.n_layers * (block_matmul_params(config) + norms_per_block)
-    embedding = config.vocab_size * config.d_model
-    head = 0 if config.tie_embeddings else config.vocab_size * config.d_model
-    total = embedding + blocks + config.d_model + head
-    return ParamCounts(total=total, embedding=embedding, head=head, non_embedding=total - embedding)
-
-
-def attention_flops_per_token(config, seq_len: int) -> int:
-    """Training (forward + backward) FLOPs per token of causal attention scores and mixing."""
-    return 6 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return _cached(config)[0]
 
 
 def training_flops_per_token(config, seq_len: int) -> int:
     """Training (forward + backward) FLOPs per token at sequence length ``seq_len``."""
-    matmul = config.n_layers * block_matmul_params(config) + config.vocab_size * config.d_model
-    return 6 * matmul + attention_flops_per_token(config, seq_len)
+    by_len = _cached(config)[1]
+    if seq_len not in by_len:
+        by_len[seq_len] = 3 * forward_flops_per_token(build_meta(config), seq_len)
+    return by_len[seq_len]
 
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched by substring of the device name,

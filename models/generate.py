@@ -1,13 +1,16 @@
-"""Autoregressive generation with a KV cache: prefill the prompt once, then decode one token per
-step. Greedy (temperature 0) or sampling with temperature and nucleus (top-p) truncation; pass a
-``torch.Generator`` for reproducible samples."""
+"""Autoregressive generation with a decode state (KV caches, window caches, recurrent states:
+whatever the model's mixers keep): prefill the prompt once, then decode one token per step.
+Greedy (temperature 0) or sampling with temperature and nucleus (top-p) truncation; pass a
+``torch.Generator`` for reproducible samples.
+
+Works for every family whose model has ``new_decode_state(batch, max_len, dtype, device)`` and
+takes ``state=`` in its forward (models/decoder/model.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from models.kv_cache import KVCache
 
 
 def nucleus_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -50,8 +53,8 @@ def generate(
     once every row has."""
     batch, prompt_len = prompt.shape
     weight = next(model.parameters())
-    cache = KVCache.for_model(model.config, batch, prompt_len + max_new_tokens, weight.dtype, prompt.device)
-    logits = model(prompt, kv_cache=cache)[:, -1]
+    state = model.new_decode_state(batch, prompt_len + max_new_tokens, weight.dtype, prompt.device)
+    logits = model(prompt, state=state)[:, -1]
     tokens = [prompt]
     done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     for step in range(max_new_tokens):
@@ -62,5 +65,5 @@ def generate(
         tokens.append(next_ids[:, None])
         if step + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
             break
-        logits = model(next_ids[:, None], kv_cache=cache)[:, -1]
+        logits = model(next_ids[:, None], state=state)[:, -1]
     return torch.cat(tokens, dim=1)

@@ -9,7 +9,7 @@ that transposed copy is cheap while W fits in cache and slow beyond (in the 125m
 step: 0.3 ms for a 768×768 weight, 17.6 ms for 2560×768), so for weights over ``LARGE_WEIGHT``
 elements aten computes g·W.
 
-Under torch.compile both oneDNN products are one custom op, ``pretrain::mm_nt`` (a·bᵀ), with its
+Under torch.compile both oneDNN products are one custom op, ``models::mm_nt`` (a·bᵀ), with its
 own autograd formula and a shape-only fake implementation: inductor keeps it as an opaque kernel
 and fuses the elementwise code around it. Eager code runs the same kernels from an
 autograd.Function. FlopCounterMode and the ``op`` recompute policy know both ops (GEMM_OPS).
@@ -56,7 +56,7 @@ def _input_grad(grad: torch.Tensor, weight: torch.Tensor, product) -> torch.Tens
     return grad.mm(weight) if weight.numel() > LARGE_WEIGHT else product(grad, weight.t())
 
 
-@torch.library.custom_op("pretrain::mm_nt", mutates_args=())
+@torch.library.custom_op("models::mm_nt", mutates_args=())
 def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The same product as one custom op, for torch.compile (eager calls cost ~60 µs more than
     the autograd.Function's, about 2% of a tiny-preset step, so eager code does not use it)."""
@@ -83,7 +83,7 @@ mm_nt.register_autograd(_mm_nt_backward, setup_context=_mm_nt_setup_context)
 
 # The two ops these products run as (compiled, eager): FlopCounterMode gets their formula below,
 # and the ``op`` recompute policy (pretrain/parallel/recompute.py) saves their outputs like mm's.
-GEMM_OPS = (torch.ops.pretrain.mm_nt.default, torch.ops.mkldnn._linear_pointwise.default) if ONEDNN_AVAILABLE else ()
+GEMM_OPS = (torch.ops.models.mm_nt.default, torch.ops.mkldnn._linear_pointwise.default) if ONEDNN_AVAILABLE else ()
 
 
 def _mm_nt_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:

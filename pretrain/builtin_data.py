@@ -23,7 +23,7 @@ from data.loader import DataConfig
 from data.preprocess import preprocess
 from data.tokenizer import load_tokenizer
 from data.train_tokenizer import train_sentencepiece
-from pretrain.configtree import ConfigError
+from models.configtree import ConfigError
 from pretrain.distributed import DistInfo, barrier
 
 BUILTIN_VERSION = "bible-v1"

@@ -199,9 +199,10 @@ class CheckpointManager:
         if self._distributed():
             dist.barrier(group=self.process_group)
 
-    def _on_rank0(self, fn: Callable[[], Any]) -> Any:
+    def _on_rank0(self, fn: Callable[[], Any], quote_rank: bool = True) -> Any:
         """Run ``fn`` on rank 0 and hand its result to every rank; a failure on rank 0 raises
-        CheckpointError everywhere instead of leaving the other ranks waiting."""
+        CheckpointError everywhere instead of leaving the other ranks waiting (its message
+        prefixed by where it came from, unless ``quote_rank`` is off)."""
         result = error = cause = None
         if self._rank() == 0:
             try:
@@ -209,7 +210,7 @@ class CheckpointManager:
             except Exception as e:
                 if not self._distributed():
                     raise
-                error, cause = f"rank 0: {type(e).__name__}: {e}", e
+                error, cause = (f"rank 0: {type(e).__name__}: {e}" if quote_rank else str(e)), e
         if self._distributed():
             box = [(result, error)]
             src = dist.get_global_rank(self.process_group, 0) if self.process_group else 0
@@ -247,16 +248,48 @@ class CheckpointManager:
         complete = self.checkpoints()
         return complete[-1] if complete else None
 
+    def choose(self, resume: str = "auto") -> Path | None:
+        """Collective: the checkpoint every rank resumes from, decided by rank 0 and checked on
+        every rank. ``resume``: ``auto`` (the latest complete checkpoint, None when there is
+        none), ``none`` (None; refused when checkpoints exist, so a run is not overwritten) or a
+        checkpoint path. A rank that does not see the chosen checkpoint complete is an error on
+        every rank (a split run is worse than none)."""
+
+        def decide() -> str | None:
+            if resume == "none":
+                if self.latest() is not None:
+                    raise CheckpointError(
+                        f"{self.root} already holds checkpoints and checkpoint.resume=none; use a new run.dir, "
+                        "or checkpoint.resume=auto to continue"
+                    )
+                return None
+            path = self.latest() if resume == "auto" else Path(resume)
+            if path is not None and not is_complete(path):
+                raise CheckpointError(f"checkpoint.resume={resume}: {path} is not a complete checkpoint")
+            return None if path is None else str(path)
+
+        chosen = self._on_rank0(decide, quote_rank=False)
+        if chosen is None:
+            return None
+        seen = is_complete(chosen)
+        if self._distributed():
+            views: list = [None] * self._world_size()
+            dist.all_gather_object(views, seen, group=self.process_group)
+            blind = [rank for rank, ok in enumerate(views) if not ok]
+            if blind:
+                raise CheckpointError(
+                    f"rank 0 chose to resume from {chosen}, but rank(s) {blind} do not see it complete; "
+                    f"{self.root} must be on a filesystem every node shares"
+                )
+        return Path(chosen)
+
     def resume(
         self, model: ModelParts, optimizer: Optimizers = None, **load_kwargs: Any
     ) -> dict[str, Any] | None:
-        """Collective auto-resume: load the checkpoint rank 0 finds with ``latest()`` (so all
-        ranks agree even if their views of the filesystem differ) and return its extra state,
-        or None (nothing loaded) when there is no complete checkpoint yet."""
-        name = self._on_rank0(lambda: getattr(self.latest(), "name", None))
-        if name is None:
-            return None
-        return self.load(self.root / name, model, optimizer, **load_kwargs)
+        """Collective auto-resume: load the checkpoint ``choose("auto")`` agrees on and return its
+        extra state, or None (nothing loaded) when there is no complete checkpoint yet."""
+        path = self.choose("auto")
+        return None if path is None else self.load(path, model, optimizer, **load_kwargs)
 
     # -- save
 

@@ -17,7 +17,7 @@ from data.readers import InputError
 from data.tokenizer import TokenizerError
 from pretrain.errors import CheckpointError
 from pretrain.commands import add_run_commands
-from pretrain.configtree import ConfigError
+from models.configtree import ConfigError
 from tools.scaling.cli import add_scaling_commands
 
 USER_ERRORS = (

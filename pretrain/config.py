@@ -2,7 +2,7 @@
 
     pretrain train --config configs/tiny.yaml train.max_steps=50 optim.lr=3e-4 run.dir=runs/x
 
-Sections: ``run``, ``model`` (models.config.ModelConfig), ``data`` (data.loader.DataConfig),
+Sections: ``run``, ``model`` (a family's config, tagged by ``model.family``: models/config.py), ``data`` (data.loader.DataConfig),
 ``optim``, ``schedule``, ``train``, ``parallel`` (pretrain.parallel.config.ParallelConfig),
 ``checkpoint``, ``logging``. ``validate`` checks every
 section and the cross-section rules and raises one ConfigError listing each problem with its fix,
@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 from data.loader import DataConfig
+import models  # noqa: F401  (registers the built-in families and kinds)
 from models.config import ModelConfig
-from pretrain.configtree import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from models.configtree import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from models.decoder.config import DecoderConfig
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimConfig, ScheduleConfig
 from pretrain.parallel.config import ParallelConfig
@@ -90,7 +92,7 @@ class CheckpointConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=DecoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -124,12 +126,6 @@ def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> C
     return config
 
 
-def config_from_dict(tree: dict) -> Config:
-    config = from_dict(Config, tree)
-    validate(config)
-    return config
-
-
 def validate_data(data: DataConfig) -> list[str]:
     errors = []
     if data.seq_len < 1:
@@ -146,10 +142,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     ``world_size`` ranks included (None: the rules that need no world size); raise one
     ConfigError listing every problem."""
     errors: list[str] = []
-    try:
-        config.model.validate()
-    except ValueError as e:
-        errors.append(str(e))
+    errors.extend(config.model.problems())
     errors.extend(validate_data(config.data))
     for section in (config.optim, config.schedule, config.train, config.checkpoint, config.logging):
         errors.extend(section.validate())

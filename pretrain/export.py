@@ -32,15 +32,7 @@ from pretrain.checkpoint import (
     quiet_single_process,
     read_marker,
 )
-
-# Wrapper segments that never name a real submodule: torch.compile, activation checkpointing,
-# FSDP1 and CPU offload wrappers. DDP's ``module.`` is stripped only as the leading segment.
-_WRAPPER_SEGMENTS = {
-    "_orig_mod",
-    "_checkpoint_wrapped_module",
-    "_fsdp_wrapped_module",
-    "_offload_wrapped_module",
-}
+from pretrain.names import clean_key
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -51,14 +43,6 @@ _DTYPES = {
     "float16": torch.float16,
     "half": torch.float16,
 }
-
-
-def clean_key(key: str) -> str:
-    """The plain parameter name: without compile/checkpoint/FSDP wrappers or a DDP prefix."""
-    parts = [p for p in key.split(".") if p not in _WRAPPER_SEGMENTS]
-    if parts and parts[0] == "module":
-        parts = parts[1:]
-    return ".".join(parts)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import TokenizerError, load_tokenizer
+import models  # noqa: F401  (registers the built-in families and kinds)
 from models.config import ModelConfig
 from models.generate import generate
-from models.model import build_model
+from models.spec import build_model
 from pretrain.checkpoint import CheckpointError
 from pretrain.export import load_model_weights, resolve_checkpoint
 
@@ -27,12 +28,21 @@ def load_checkpoint_model(checkpoint: str | Path, device: torch.device | str = "
     model.to_empty(device=device)
     model.init_weights()
     missing, unexpected = model.load_state_dict(load_model_weights(path), strict=False)
-    missing = [k for k in missing if not (model_config.tie_embeddings and k == "head.weight")]
+    missing = [k for k in missing if k not in tied_aliases(model)]
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match its config: missing {missing}, unexpected {unexpected}")
-    if model_config.tie_embeddings:
-        model.tie_weights()
     return model.eval(), path
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Parameter names that share their tensor with an earlier name (a tied head): a checkpoint
+    may hold the tensor once."""
+    seen, aliases = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
 
 
 def find_tokenizer(checkpoint: Path, explicit: str | None):

@@ -27,7 +27,7 @@ import socket
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
-from pretrain.configtree import ConfigError
+from models.configtree import ConfigError
 
 
 class LaunchError(ConfigError):

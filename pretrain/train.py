@@ -14,23 +14,20 @@ parallelism, recomputation, FSDP2/DDP; ``ParallelRunner`` runs each step's forwa
 from __future__ import annotations
 
 import math
-import random
 import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from data.loader import build_loader
 from models.counting import mfu, training_flops_per_token
 from pretrain.builtin_data import resolve_data
-from pretrain.checkpoint import CheckpointManager
+from pretrain.checkpoint import CheckpointManager, seed_rng
 from pretrain.config import Config, validate
-from pretrain.configtree import ConfigError
 from pretrain.distributed import DistInfo, any_rank, barrier, init_distributed, shutdown
 from pretrain.metrics import MetricsLogger
 from pretrain.optim import build_optimizer, build_scheduler
@@ -51,12 +48,6 @@ class StepResult:
     tokens: int
     skipped: bool
     data_wait: float
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def uses_bf16(config: Config, device: torch.device) -> bool:
@@ -89,7 +80,7 @@ class Trainer:
         validate(config, world_size=dist.world_size)
         self.run_dir = Path(config.run.dir)
         self.data = resolve_data(config, dist)
-        seed_everything(config.run.seed)
+        seed_rng(config.run.seed)
 
         self.dims = ParallelDims.resolve(config.parallel, dist.world_size)
         mesh = build_mesh(self.dims, dist.device.type) if dist.distributed else None
@@ -130,6 +121,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None
         self.bad_steps = 0
+        self.loss_terms: dict[str, float] = {}
 
     @property
     def model(self):
@@ -148,16 +140,9 @@ class Trainer:
 
     # ----------------------------------------------------------------- resume
     def resume(self) -> Path | None:
-        """Restore the latest (or the named) checkpoint; returns its path, or None for a fresh run."""
-        resume = self.config.checkpoint.resume
-        if resume == "none":
-            if self.checkpoints.latest() is not None:
-                raise ConfigError(
-                    f"{self.checkpoints.root} already holds checkpoints and checkpoint.resume=none; "
-                    "use a new run.dir, or checkpoint.resume=auto to continue"
-                )
-            return None
-        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        """Restore the checkpoint all ranks agree on (``checkpoint.resume``: the latest, none or a
+        path; rank 0 decides); returns its path, or None for a fresh run."""
+        path = self.checkpoints.choose(self.config.checkpoint.resume)
         if path is None:
             return None
         extra = self.checkpoints.load(path, self.parts, self.optimizers)
@@ -184,10 +169,10 @@ class Trainer:
         waited = time.perf_counter()
         micro_batches = [to_device(next(self.train_iter), self.dist.device) for _ in range(self.grad_accum)]
         waited = time.perf_counter() - waited
-        local_tokens = sum(b["loss_mask"].sum() for b in micro_batches).to(torch.float64)
-        num_tokens = float(self.runner.reduce_dp(local_tokens).item())
+        num_tokens = float(self.runner.reduce_dp(self.runner.loss_tokens(micro_batches)).item())
         loss_share = self.runner.forward_backward(micro_batches, num_tokens)
         loss_value = float(self.runner.reduce_loss(loss_share).item())
+        self.loss_terms = {name: float(v) for name, v in self.runner.take_loss_terms().items()}
 
         grad_norm = self.runner.clip_grad_norm_(self.config.optim.grad_clip)
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
@@ -206,6 +191,7 @@ class Trainer:
             self.bad_steps = 0
             for optimizer in self.optimizers:
                 optimizer.step()
+            self.runner.post_step()
         for optimizer, scheduler in zip(self.optimizers, self.schedulers):
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -224,7 +210,7 @@ class Trainer:
         loss = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         for start in range(0, len(batches), group):
             loss += self.runner.eval_loss_sum(batches[start : start + group])
-        tokens = sum(b["loss_mask"].sum() for b in batches).to(torch.float64)
+        tokens = self.runner.loss_tokens(batches)
         self.runner.reduce_loss(loss)
         self.runner.reduce_dp(tokens)
         self.runner.train(True)
@@ -255,7 +241,7 @@ class Trainer:
                 window["tokens"] += result.tokens
                 window["data"] += result.data_wait
                 if self.step % config.logging.interval == 0 or self.step == config.train.max_steps:
-                    self.log.log(self.metrics(result, window))
+                    self.log.log({**self.metrics(result, window), **self.loss_terms, **self.runner.module_metrics()})
                     window = {"tokens": 0, "time": 0.0, "data": 0.0}
                 if self.valid_loader is not None and self.step % config.train.eval_interval == 0:
                     self.log.log({"step": self.step, "valid_loss": self.evaluate()})

@@ -34,7 +34,8 @@ from pretrain.checkpoint import (
     read_marker,
     seed_rng,
 )
-from pretrain.export import clean_key, export_main, export_safetensors
+from pretrain.export import export_main, export_safetensors
+from pretrain.names import clean_key
 
 VOCAB, DIM = 32, 16
 FULL = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)

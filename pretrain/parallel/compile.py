@@ -11,13 +11,9 @@ quickly.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
-    # The first block fills the forward's mask cache (models/context.py); under recomputation that
-    # happens inside the checkpointed region, and the recomputation must not (and need not) redo it.
-    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    for block in model.layers.values():
-        block.compile(backend=backend, fullgraph=True)
+    for name in model.block_names():
+        model.get_submodule(name).compile(backend=backend, fullgraph=True)

@@ -26,14 +26,15 @@ def apply_fsdp(
     param_dtype: torch.dtype | None = None,
     reshard_after_forward: bool = True,
 ) -> None:
-    """Shard ``model`` (a decoder or one pipeline stage) over ``dp_mesh`` (1-D: FSDP; 2-D
-    (replicate, shard): HSDP) in place. ``param_dtype`` bf16 turns on mixed precision with fp32
+    """Shard ``model`` (a whole model or one pipeline stage) over ``dp_mesh`` (1-D: FSDP; 2-D
+    (replicate, shard): HSDP) in place, each of its blocks (``block_names()``) as one unit. ``param_dtype`` bf16 turns on mixed precision with fp32
     gradient reduction. ``reshard_after_forward=False`` keeps gathered parameters until backward
     (pipeline parallelism: no all-gather per micro-batch)."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in model.layers.values():
+    for name in model.block_names():
+        block = model.get_submodule(name)
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    # The root's parameters (embedding, norm, head) are needed again right at the start of backward.
+    # The root's parameters (embedding, final norm, head...) are needed again right at the start of backward.
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -1,48 +1,25 @@
-"""Activation memory per block: measured with saved-tensor hooks, and derived from the block.
+"""Activation memory per block, measured with saved-tensor hooks (the derivation it is checked
+against lives with the model family: models/decoder/activations.py).
 
-Measurement (``ActivationMeter``): during one forward, every tensor autograd saves for backward
-passes through a pack hook and is attributed to the block running at that moment; tensors the
-``op`` recomputation policy keeps are seen through its policy. A block's bytes are those of the
-distinct storages it keeps (a DTensor counts its local shard: bytes per rank), excluding
-parameters and the per-forward tensors every block shares (RoPE tables, masks).
-
-Derivation (``block_activation_terms``), the way Korthikanti et al. 2022 count their GPT block
-(34·s·b·h + 5·a·s²·b bytes in 16-bit): per op, what its backward needs. For our block (RMSNorm,
-SwiGLU, GQA, no dropout), T = s·b tokens, f = d_ff, h_kv = n_kv_heads·head_dim, e bytes per
-activation:
-
-- RMSNorm (×2, computed in fp32): its fp32 input (x itself in fp32, a copy in bf16) 4·T·h,
-  1/rms 4·T, x/rms before the gain (the gain's gradient) e·T·h, and its output, kept by the
-  GEMMs that read it, e·T·h.
-- attention, fused kernel (SDPA flash): q and k after RoPE and v, e·T·(h + 2·h_kv); the output
-  e·T·h (also the output projection's input: the reshape is a view); the log-sum-exp 4·T·a.
-  With a document mask SDPA expands K/V to all heads and keeps an fp32 copy of the mask
-  (4·b·s²); the unfused math kernel keeps softmax probabilities twice (8·a·s²·b in fp32).
-- SwiGLU: gate and up projections, SiLU(gate) and their product: 4·e·T·f.
-
-With e = 2 and the fused kernel that is s·b·h·(20 + 4·h_kv/h + 8·f/h) + s·b·(8 + 4·a) bytes per
-block (GPT's 34 becomes 53 for the 1b preset: the fp32 norms cost 20 instead of 4, a 4h SwiGLU 32
-instead of 19; flash attention removes the 5·a·s²·b term).
-
-Modes: ``selective`` keeps the attention kernel's inputs and output only (drops the
-log-sum-exp, or the probabilities); ``full`` keeps the block input; ``op`` keeps the block input,
-the GEMM outputs (q, k, v, o, gate, up, down — under TP the reduced o and down instead) and the
-kernel's output and log-sum-exp. Under tensor parallelism head- and FFN-sharded tensors divide by
-tp; with sequence parallelism the norm region divides by tp too, but the all-gathered GEMM
-inputs stay whole (Megatron keeps the shard and gathers again in backward; ``op`` does so).
+``ActivationMeter``: during one forward, every tensor autograd saves for backward passes through
+a pack hook and is attributed to the block (the family's ``block_names()``) running at that
+moment; tensors the ``op`` recomputation policy keeps are seen through its policy. A block's
+bytes are those of the distinct storages it keeps (a DTensor counts its local shard: bytes per
+rank), excluding parameters and the per-forward tensors every block shares (RoPE tables, masks).
 """
+
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils.checkpoint import CheckpointPolicy
 
 
@@ -55,7 +32,7 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
 
 
 class ActivationMeter:
-    """Attributes saved tensors to the blocks of ``model.layers`` during ``measure()``."""
+    """Attributes saved tensors to the blocks of ``model`` during ``measure()``."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -96,7 +73,8 @@ class ActivationMeter:
             return tensor
 
         handles = []
-        for key, block in self.model.layers.items():
+        for key in self.model.block_names():
+            block = self.model.get_submodule(key)
             handles.append(block.register_forward_pre_hook(enter(key)))
             handles.append(block.register_forward_hook(leave))
         try:
@@ -119,120 +97,11 @@ class ActivationMeter:
         }
 
 
-KERNELS = ("fused", "fused_masked", "unfused", "unfused_masked")
-
-
-@dataclass(frozen=True)
-class BlockShape:
-    """Per-rank sizes: T tokens (s·b), h model width, f FFN width per rank, q/kv widths per rank,
-    a heads per rank; ``sp_tokens`` = tokens of the sequence-parallel region per rank."""
-
-    batch: int
-    seq: int
-    h: int
-    f: int
-    q: int
-    kv: int
-    heads: int
-    sp_tokens: int
-
-    @classmethod
-    def of(cls, model, batch: int, seq: int, tp: int = 1, sp: bool = False) -> BlockShape:
-        head_dim = model.d_model // model.n_heads
-        tokens = batch * seq
-        return cls(
-            batch, seq, model.d_model, model.d_ff // tp, model.d_model // tp, model.n_kv_heads * head_dim // tp,
-            model.n_heads // tp, tokens // tp if sp else tokens,
-        )
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
-
-
-def _norm_terms(shape: BlockShape, e: int) -> dict[str, int]:
-    """One RMSNorm: fp32 input (x itself in fp32, a copy in bf16), 1/rms, x/rms (the gain's
-    gradient) over the sequence-parallel region, and its output as kept by the next GEMMs:
-    whole (replicated, or all-gathered under SP)."""
-    n, h = shape.sp_tokens, shape.h
-    return {"x_fp32": 4 * n * h, "inv_rms": 4 * n, "x_normed": e * n * h, "gemm_input": e * shape.tokens * h}
-
-
-def _attention_terms(shape: BlockShape, e: int, kernel: str) -> dict[str, int]:
-    t, s, b, a = shape.tokens, shape.seq, shape.batch, shape.heads
-    if kernel == "fused":  # flash: native GQA; its output is also the output projection's input
-        return {"q": e * t * shape.q, "k": e * t * shape.kv, "v": e * t * shape.kv, "out": e * t * shape.q,
-                "lse_fp32": 4 * t * a}
-    if kernel == "fused_masked":  # K/V expanded to every head; the bool mask becomes an fp32 one
-        return {"q": e * t * shape.q, "k_expanded": e * t * shape.q, "v_expanded": e * t * shape.q,
-                "out": e * t * shape.q, "lse_fp32": 4 * t * a, "mask_fp32": 4 * b * s * s}
-    # unfused (math, fp32): scores' inputs, softmax output, masked probabilities, their V, the
-    # inverted bool mask and its any() row mask (per row with documents), and a contiguous copy
-    # for the output projection
-    rows = b if kernel == "unfused_masked" else 1
-    return {"q": e * t * shape.q, "k_expanded": e * t * shape.q, "v_expanded": e * t * shape.q,
-            "probs": 4 * b * a * s * s, "probs_masked": 4 * b * a * s * s, "masks_bool": rows * (s * s + s),
-            "out_copy": e * t * shape.q}
-
-
-def _ffn_terms(shape: BlockShape, e: int) -> dict[str, int]:
-    n = e * shape.tokens * shape.f
-    return {"gate": n, "up": n, "silu_gate": n, "gate_x_up": n}
-
-
-def block_activation_terms(
-    model, batch: int, seq: int, mode: str = "none", *, kernel: str = "fused", tp: int = 1, sp: bool = False,
-    element_bytes: int = 4,
-) -> dict[str, int]:
-    """Bytes one block keeps for backward on one rank, by tensor, for ``mode`` (none | selective
-    | op | full), attention ``kernel`` (``fused``: SDPA flash on unpacked causal rows;
-    ``fused_masked``: SDPA with a document mask; ``unfused`` / ``unfused_masked``: the math
-    backend without / with documents, fp32 only) and activations of ``element_bytes`` (4: fp32;
-    2: bf16 parameters)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
-    if element_bytes != 4 and kernel != "fused":
-        raise ValueError("the derivation covers bf16 activations for the fused kernel only")
-    e = element_bytes
-    shape = BlockShape.of(model, batch, seq, tp, sp)
-    t, h = shape.tokens, shape.h
-    if mode == "full":
-        return {"block_input": e * shape.sp_tokens * h}
-    if mode == "op":
-        terms = {"block_input": e * shape.sp_tokens * h, "q": e * t * shape.q, "k": e * t * shape.kv,
-                 "v": e * t * shape.kv, "gate": e * t * shape.f, "up": e * t * shape.f}
-        if tp > 1:  # the reduce-scatter (SP) or all-reduce outputs, not the unreduced GEMM outputs
-            terms.update(o_reduced=e * shape.sp_tokens * h, down_reduced=e * shape.sp_tokens * h)
-        else:
-            terms.update(o_proj=e * t * h, down_proj=e * t * h)
-        if kernel.startswith("unfused"):  # its batched matmuls: scores, and probabilities times V
-            terms.update(scores=4 * shape.batch * shape.heads * shape.seq**2, probs_v=e * t * shape.q)
-        else:
-            terms.update(attention_out=e * t * shape.q, lse_fp32=4 * t * shape.heads)
-        return terms
-    terms = {f"mixer_norm.{k}": v for k, v in _norm_terms(shape, e).items()}
-    if mode == "selective":  # the kernel's inputs and output only
-        terms.update(q=e * t * shape.q, k=e * t * shape.kv, v=e * t * shape.kv, out=e * t * shape.q)
-    elif mode == "none":
-        terms.update(_attention_terms(shape, e, kernel))
-    else:
-        raise ValueError(f"unknown recompute mode {mode!r}")
-    terms.update({f"ffn_norm.{k}": v for k, v in _norm_terms(shape, e).items()})
-    terms.update(_ffn_terms(shape, e))
-    return terms
-
-
-def block_activation_bytes(model, batch: int, seq: int, mode: str = "none", **kwargs) -> int:
-    """Total of :func:`block_activation_terms`."""
-    return sum(block_activation_terms(model, batch, seq, mode, **kwargs).values())
-
-
 def measure_activations(config, batch: int, seq: int, mode: str = "none", dtype: torch.dtype = torch.float32,
                         tp_mesh=None, sp: bool = False, doc_ids: torch.Tensor | None = None) -> dict[str, int]:
     """Saved activation bytes per block (``ActivationMeter.per_layer``) of one forward of a fresh
     model built from ``config``, with recompute ``mode`` and optionally TP(+SP) on ``tp_mesh``."""
-    from models.model import build_model
-    from pretrain.parallel.loss import loss_context
+    from models.spec import build_model
     from pretrain.parallel.recompute import apply_ac, op_policy
     from pretrain.parallel.tp import apply_tp
 
@@ -247,6 +116,6 @@ def measure_activations(config, batch: int, seq: int, mode: str = "none", dtype:
     model.init_weights()
     model.to(dtype)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
-    with meter.measure(), loss_context(tp_mesh is not None):
+    with meter.measure(), loss_parallel() if tp_mesh is not None else contextlib.nullcontext():
         model(ids, doc_ids=doc_ids)
     return meter.per_layer()

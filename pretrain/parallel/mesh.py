@@ -1,17 +1,20 @@
 """The device mesh: ParallelConfig resolved against the world size, checked, then built.
 
-Mesh dimensions, outermost first: ``pp``, ``dp_replicate``, ``dp_shard``, ``tp`` (tensor
-parallelism innermost, so its frequent collectives stay between neighbouring ranks of one node).
-``dp`` is the flattened ``dp_replicate × dp_shard`` dimension: the data-parallel coordinates that
-cut the global batch and normalise the loss.
+Mesh dimensions are declared once, in ``MESH_DIMS`` (outermost first: ``pp``, ``dp_replicate``,
+``dp_shard``, ``tp``; tensor parallelism innermost, so its frequent collectives stay between
+neighbouring ranks of one node), and the flattened views in ``FLATTENED``: ``dp`` =
+``dp_replicate × dp_shard``, the data-parallel coordinates that cut the global batch and
+normalise the loss. A new dimension (context or expert parallelism) is an entry in each table
+and a field of ParallelConfig / ParallelDims; building and validating the mesh follow the tables.
 
-``check_layout`` lists every violation (world size, divisibility of heads / KV heads / FFN /
-vocab / sequence by tp, layers per pipeline stage, batch per data-parallel rank, micro-batches per
+``check_layout`` lists every violation (world size, the model's sizes that tp must divide, blocks
+per pipeline stage, the family's own constraints, batch per data-parallel rank, micro-batches per
 pipeline schedule) in one error, before anything is allocated.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -20,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from pretrain.parallel.config import ParallelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+FLATTENED = {"dp": ("dp_replicate", "dp_shard")}
 
 
 class LayoutError(ValueError):
@@ -55,6 +59,10 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in MESH_DIMS)
+
+    @property
     def fsdp(self) -> bool:
         """Parameters are sharded (FSDP2), or replicated by FSDP2 because DDP cannot hold
         DTensor or pipeline-stage parameters alongside TP/PP."""
@@ -68,7 +76,8 @@ class ParallelDims:
         """E.g. ``pp=2 dp_replicate=1 dp_shard=2 tp=2 sp (FSDP2)``."""
         flavour = " (FSDP2)" if self.fsdp else " (DDP)" if self.ddp else ""
         sp = " sp" if self.sp else ""
-        return f"pp={self.pp} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} tp={self.tp}{sp}{flavour}"
+        degrees = " ".join(f"{name}={getattr(self, name)}" for name in MESH_DIMS)
+        return f"{degrees}{sp}{flavour}"
 
 
 def microbatch_errors(parallel: ParallelConfig, n_microbatches: int) -> list[str]:
@@ -102,7 +111,7 @@ def layout_errors(
     and the batch (an empty list when it fits). ``world`` None skips what needs the world size."""
     errors = parallel.validate()
     dims = ParallelDims.resolve(parallel, world)
-    product = dims.pp * dims.dp_replicate * dims.dp_shard * dims.tp
+    product = math.prod(dims.shape)
     if world is not None and parallel.dp_shard == -1 and dims.dp_shard < 1:
         others = parallel.pp * parallel.dp_replicate * parallel.tp
         errors.append(
@@ -111,16 +120,16 @@ def layout_errors(
             f"launch a multiple of {others} ranks or lower those degrees"
         )
     elif world is not None and product != world:
+        names = " x ".join(MESH_DIMS)
+        values = " x ".join(str(d) for d in dims.shape)
         errors.append(
-            f"the world has {world} rank(s) but parallel.pp x dp_replicate x dp_shard x tp = "
-            f"{parallel.pp} x {parallel.dp_replicate} x {dims.dp_shard} x {parallel.tp} = {product}; the product must "
+            f"the world has {world} rank(s) but parallel.{names} = {values} = {product}; the product must "
             "equal the world size (parallel.dp_shard=-1 takes the rest)"
         )
     if parallel.tp > 1:
-        for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
-            value = getattr(model, name)
+        for name, value in model.tp_sizes().items():
             if value % parallel.tp:
-                errors.append(f"model.{name} ({value}) must be divisible by parallel.tp ({parallel.tp})")
+                errors.append(f"{name} ({value}) must be divisible by parallel.tp ({parallel.tp})")
         if dims.sp and seq_len % parallel.tp:
             errors.append(
                 f"data.seq_len ({seq_len}) must be divisible by parallel.tp ({parallel.tp}) with sequence "
@@ -157,36 +166,38 @@ def _batch_errors(parallel: ParallelConfig, dp: int, global_batch: int, micro_ba
 
 def _pipeline_errors(parallel: ParallelConfig, model) -> list[str]:
     stages = parallel.pp * parallel.virtual_stages
-    errors = []
-    if parallel.pp > 1 and model.tie_embeddings:
-        errors.append(
-            "model.tie_embeddings cannot be used with parallel.pp > 1: the embedding and the head live on "
-            "different pipeline stages"
-        )
+    errors = model.layout_errors(tp=parallel.tp, pp=parallel.pp, stages=stages)
+    blocks = model.n_blocks
     if parallel.pp_stage_layers:
-        if len(parallel.pp_stage_layers) != stages or sum(parallel.pp_stage_layers) != model.n_layers:
+        if len(parallel.pp_stage_layers) != stages or sum(parallel.pp_stage_layers) != blocks:
             errors.append(
                 f"parallel.pp_stage_layers {parallel.pp_stage_layers} must list {stages} stages "
-                f"(pp x virtual_stages) adding up to model.n_layers ({model.n_layers})"
+                f"(pp x virtual_stages) adding up to the model's {blocks} blocks"
             )
-    elif stages > model.n_layers:
+    elif stages > blocks:
         errors.append(
-            f"model.n_layers ({model.n_layers}) must be at least pp x virtual_stages = {stages} so that every "
+            f"the model's {blocks} blocks must be at least pp x virtual_stages = {stages} so that every "
             "pipeline stage holds a block"
         )
     return errors
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
-    """The world as a 4-D mesh named MESH_DIMS, with ``dp`` = dp_replicate × dp_shard flattened.
-    Needs an initialised default process group of ``dims.world`` ranks."""
+    """The world as a mesh of MESH_DIMS, with every FLATTENED view created. Needs an initialised
+    default process group of ``dims.world`` ranks."""
     if dist.get_world_size() != dims.world:
         raise LayoutError(f"the process group has {dist.get_world_size()} ranks, the layout expects {dims.world}")
-    mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=MESH_DIMS)
-    dp_mesh(mesh)
+    mesh = init_device_mesh(device_type, dims.shape, mesh_dim_names=MESH_DIMS)
+    for name in FLATTENED:
+        flattened(mesh, name)
     return mesh
 
 
+def flattened(mesh: DeviceMesh, name: str) -> DeviceMesh:
+    """The flattened view ``name`` of FLATTENED (created once, then the same mesh and group)."""
+    return mesh[FLATTENED[name]]._flatten(name)
+
+
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The flattened data-parallel dimension (created once, then the same mesh and group)."""
-    return mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    """The flattened data-parallel dimension."""
+    return flattened(mesh, "dp")

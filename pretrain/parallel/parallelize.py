@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from models.model import build_model
+from models.spec import ModelSpec, build_model, get_spec
 from pretrain.parallel.compile import apply_compile
 from pretrain.parallel.config import ParallelConfig
 from pretrain.parallel.fsdp import apply_fsdp
@@ -29,11 +29,14 @@ from pretrain.parallel.tp import apply_tp
 
 @dataclass
 class ModelParts:
-    """This rank's pipeline stages (one part without pipeline parallelism)."""
+    """This rank's pipeline stages (one part without pipeline parallelism), the family's spec
+    and the whole model's block order."""
 
     parts: list[nn.Module]
     stage_ids: list[int]
     n_stages: int
+    spec: ModelSpec
+    block_order: list[str]
 
     @property
     def has_first(self) -> bool:
@@ -64,12 +67,13 @@ def build_parts(
     """Parallelised, initialised model parts of this rank (``mesh`` None: one process)."""
     with torch.device("meta"):
         model = build_model(model_config)
+    block_order = model.block_names()
     n_stages = dims.pp * parallel.virtual_stages
     if dims.pp > 1:
         pp_rank = mesh["pp"].get_local_rank()
         stage_ids = local_stage_ids(pp_rank, dims.pp, parallel.virtual_stages, parallel.pp_schedule)
-        counts = stage_layer_counts(model_config.n_layers, n_stages, parallel.pp_stage_layers)
-        parts = [split_stage(model, model_config.family, s, counts) for s in stage_ids]
+        counts = stage_layer_counts(len(block_order), n_stages, parallel.pp_stage_layers)
+        parts = [split_stage(model, s, counts) for s in stage_ids]
     else:
         stage_ids, parts = [0], [model]
     for part, stage in zip(parts, stage_ids):
@@ -77,7 +81,7 @@ def build_parts(
             apply_tp(part, mesh["tp"], dims.sp)
             if dims.sp and dims.pp > 1:
                 shard_boundaries(part, mesh["tp"], first=stage == 0, last=stage == n_stages - 1)
-        apply_ac(part, recompute, recompute_every)
+        apply_ac(part, recompute, recompute_every, block_order=block_order)
         if parallel.compile:
             apply_compile(part, parallel.compile_backend)
         if dims.fsdp:
@@ -90,7 +94,7 @@ def build_parts(
         _init_from_full_copy(parts, model_config, seed)
     else:  # sharded init, or one process (its only part is the whole model)
         _init_sharded(parts, dims, mesh, seed)
-    return ModelParts(parts, stage_ids, n_stages)
+    return ModelParts(parts, stage_ids, n_stages, get_spec(model_config), block_order)
 
 
 @torch.no_grad()

@@ -14,7 +14,10 @@ Modes (``train.recompute``):
   unreduced output is not kept (its reduced result is).
 - ``full``: only the block's input is kept; the whole block runs again in backward.
 
-``every`` = k applies the mode to blocks whose index is a multiple of k (k = 1: all blocks).
+``every`` = k applies the mode to blocks whose index (in the whole model's block order) is a
+multiple of k (k = 1: all blocks). Blocks are the family's ``block_names()``; ``selective``
+finds the attention kernels inside them (any submodule's ``backend`` attribute that is an
+attention backend, models/attention/backends.py) and leaves blocks without one as they are.
 Recomputation never changes results: forward and backward compute the same values.
 """
 
@@ -28,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from models.attention.backends import AttentionBackend
 from models.linear import GEMM_OPS
 
 RECOMPUTE_MODES = ("none", "selective", "op", "full")
@@ -59,49 +63,59 @@ def op_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-class RecomputedKernel:
-    """An attention backend whose ``attend`` is recomputed in backward (mask building is not)."""
+class RecomputedKernel(AttentionBackend):
+    """An attention backend whose ``attend`` is recomputed in backward (``prepare``, once per
+    forward, is not)."""
 
-    def __init__(self, backend):
+    def __init__(self, backend: AttentionBackend):
         self.inner = backend
         self.name = backend.name
 
     def prepare(self, *args):
         return self.inner.prepare(*args)
 
-    def attend(self, q, k, v, mask):
-        return checkpoint(self.inner.attend, q, k, v, mask, use_reentrant=False)
+    def attend(self, q, k, v, prepared):
+        return checkpoint(self.inner.attend, q, k, v, prepared, use_reentrant=False)
 
 
-def _recompute_core_attention(block: nn.Module) -> None:
-    mixer = block.mixer
-    if not hasattr(getattr(mixer, "backend", None), "attend"):
-        raise NotImplementedError(
-            f"train.recompute=selective: mixer {type(mixer).__name__} has no attention kernel (.backend) to "
-            "recompute; use train.recompute=op or full"
-        )
-    if not isinstance(mixer.backend, RecomputedKernel):
-        mixer.backend = RecomputedKernel(mixer.backend)
+def _recompute_core_attention(block: nn.Module) -> int:
+    """Wrap the attention kernels inside ``block``; returns how many there are."""
+    kernels = [m for m in block.modules() if isinstance(getattr(m, "backend", None), AttentionBackend)]
+    for module in kernels:
+        if not isinstance(module.backend, RecomputedKernel):
+            module.backend = RecomputedKernel(module.backend)
+    return len(kernels)
 
 
-def apply_ac(model: nn.Module, mode: str, every: int = 1, policy=op_policy) -> None:
-    """Apply recomputation ``mode`` to the blocks of ``model`` (a decoder or pipeline stage)
-    whose index is a multiple of ``every``, in place. Call after tensor parallelism and before
-    compile and FSDP. ``policy`` is the ``op`` mode's rule (pretrain/parallel/memory.py wraps it
-    to see what it keeps)."""
+def apply_ac(
+    model: nn.Module, mode: str, every: int = 1, policy=op_policy, block_order: list[str] | None = None
+) -> None:
+    """Apply recomputation ``mode`` to the blocks of ``model`` (a whole model or a pipeline
+    stage) whose index in ``block_order`` (default: this model's blocks) is a multiple of
+    ``every``, in place. Call after tensor parallelism and before compile and FSDP. ``policy``
+    is the ``op`` mode's rule (pretrain/parallel/memory.py wraps it to see what it keeps)."""
     if mode not in RECOMPUTE_MODES:
         raise ValueError(f"unknown recompute mode {mode!r}; choose one of {RECOMPUTE_MODES}")
     if every < 1:
         raise ValueError(f"recompute every must be >= 1, got {every}")
     if mode == "none":
         return
-    for key, block in list(model.layers.items()):
-        if int(key) % every:
+    names = model.block_names()
+    order = block_order or names
+    kernels = 0
+    for name in names:
+        if order.index(name) % every:
             continue
+        block = model.get_submodule(name)
         if mode == "selective":
-            _recompute_core_attention(block)
+            kernels += _recompute_core_attention(block)
         elif mode == "full":
-            model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
+            model.set_submodule(name, checkpoint_wrapper(block, preserve_rng_state=False))
         else:
             context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
-            model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn)
+            model.set_submodule(name, checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn))
+    if mode == "selective" and names and not kernels:
+        raise NotImplementedError(
+            f"train.recompute=selective: the blocks of {type(model).__name__} have no attention kernel to recompute; "
+            "use train.recompute=op or full"
+        )

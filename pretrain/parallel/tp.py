@@ -1,26 +1,26 @@
-"""Tensor parallelism (Megatron-style) with optional sequence parallelism, as DTensor plans.
+"""Tensor parallelism (Megatron-style) with optional sequence parallelism, from the plans the
+modules declare (``tp_plan()``, models/plans.py), as DTensor styles.
 
-Per block: the projections that read the block's input (attention ``wq/wk/wv``, SwiGLU
-``w1/w3``) are column-parallel (output features sharded: heads / FFN hidden units), the ones that
-write back into the residual stream (``wo``, ``w2``) row-parallel; so each mixer and FFN needs
-one collective forward. The embedding is vocab-parallel (rows sharded) and the head is
-column-parallel over the vocabulary, leaving logits sharded for the vocab-parallel loss
-(pretrain/parallel/loss.py): the full [tokens, vocab] logits never exist on one rank.
+The projections that read a block's input (column-parallel: heads, FFN hidden units) and the
+ones that write back into the residual stream (row-parallel) need one collective per mixer and
+FFN forward. The embedding is vocab-parallel and the head column-parallel over the vocabulary,
+leaving logits sharded for the vocab-parallel loss (models/loss.py): the full [tokens, vocab]
+logits never exist on one rank.
 
-Without sequence parallelism the residual stream is replicated (plain tensors) and the
-row-parallel outputs are all-reduced. With it (``sp``), the residual stream, the norms and the
-residual adds run on sequence shards (DTensor ``Shard(1)``): the mixer/FFN input is all-gathered
-once before the column-parallel GEMMs and the row-parallel output reduce-scattered back to
-sequence shards — the same volume as the all-reduce, with the norm/residual activations divided
-by tp. Norm gains stay replicated; DTensor all-reduces their gradients over the TP group.
+Without sequence parallelism the residual stream is replicated (plain tensors) and row-parallel
+outputs are all-reduced. With it (``sp``), the residual stream, the norms and the residual adds
+run on sequence shards (DTensor ``Shard(1)``): a module's gathered inputs are all-gathered once
+before its column-parallel GEMMs and the row-parallel output reduce-scattered back to sequence
+shards — the same volume as the all-reduce, with the norm/residual activations divided by tp.
+Parameters of token-wise modules stay replicated; DTensor all-reduces their gradients.
 
-Block kinds register their plans in MIXER_PLANS / FFN_PLANS (keyed by module class), relative
-to the mixer or FFN module.
+Every parameter must end up a DTensor: one no plan covers is an error naming its module.
+Parameters shared by several modules (a tied head) are shared again after sharding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import defaultdict
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -28,14 +28,16 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from models.attention import Attention
-from models.ffn import SwiGLU
+from models.plans import (
+    Colwise, GatherInputs, LocalInputs, Replicated, Rowwise, Tokenwise, VocabEmbedding, VocabHead,
+)
 
 
 class ReplicateParallel(ParallelStyle):
@@ -62,71 +64,84 @@ class ReplicateParallel(ParallelStyle):
         return distribute_module(module, device_mesh, self._replicate, self._inputs, self._outputs)
 
 
-def _row(sp: bool) -> RowwiseParallel:
-    """A projection writing into the residual stream: reduce-scatter to sequence shards (SP) or
-    all-reduce to a replicated plain tensor."""
-    return RowwiseParallel(output_layouts=Shard(1) if sp else Replicate(), use_local_output=not sp)
-
-
-def attention_plan(sp: bool) -> dict[str, ParallelStyle]:
-    return {"wq": ColwiseParallel(), "wk": ColwiseParallel(), "wv": ColwiseParallel(), "wo": _row(sp)}
-
-
-def swiglu_plan(sp: bool) -> dict[str, ParallelStyle]:
-    return {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": _row(sp)}
-
-
-MIXER_PLANS: dict[type, Callable[[bool], dict[str, ParallelStyle]]] = {Attention: attention_plan}
-FFN_PLANS: dict[type, Callable[[bool], dict[str, ParallelStyle]]] = {SwiGLU: swiglu_plan}
-
-
-def _plan_for(registry: dict, module: nn.Module, role: str, sp: bool) -> dict[str, ParallelStyle]:
-    builder = registry.get(type(module))
-    if builder is None:
-        raise NotImplementedError(
-            f"no tensor-parallel plan for {role} {type(module).__name__}; register one in "
-            f"pretrain/parallel/tp.py ({'MIXER_PLANS' if role == 'mixer' else 'FFN_PLANS'}) or run with parallel.tp=1"
+def style(entry, sp: bool) -> ParallelStyle:
+    """The DTensor style of one plan entry (models/plans.py)."""
+    stream = Shard(1) if sp else Replicate()  # the residual stream's layout
+    if isinstance(entry, Colwise):
+        return ColwiseParallel()
+    if isinstance(entry, Rowwise):
+        return RowwiseParallel(output_layouts=stream, use_local_output=not sp)
+    if isinstance(entry, Tokenwise):
+        return SequenceParallel() if sp else ReplicateParallel()
+    if isinstance(entry, GatherInputs):
+        return PrepareModuleInput(
+            input_layouts=tuple(stream if a else None for a in entry.activations),
+            desired_input_layouts=tuple(Replicate() if a else None for a in entry.activations),
         )
-    return builder(sp)
-
-
-def block_plan(block: nn.Module, sp: bool) -> dict[str, ParallelStyle]:
-    """The plan of one pre-norm block (``mixer_norm``, ``mixer``, ``ffn_norm``, ``ffn``)."""
-    plan: dict[str, ParallelStyle] = {}
-    for role, norm, registry in (("mixer", "mixer_norm", MIXER_PLANS), ("ffn", "ffn_norm", FFN_PLANS)):
-        module = getattr(block, role)
-        plan[norm] = SequenceParallel() if sp else ReplicateParallel()
-        # The input becomes one replicated DTensor shared by all column-parallel projections:
-        # one all-gather forward (SP), and their input gradients summed before the single
-        # reduce-scatter (SP) or all-reduce backward. The mixer also takes the ForwardContext.
-        given = Shard(1) if sp else Replicate()
-        layouts = (given, None) if role == "mixer" else (given,)
-        plan[role] = PrepareModuleInput(
-            input_layouts=layouts, desired_input_layouts=tuple(Replicate() if p else None for p in layouts)
+    if isinstance(entry, Replicated):
+        return ReplicateParallel()
+    if isinstance(entry, LocalInputs):
+        # The backward of the gather takes each rank's slice of the (identical) full gradient.
+        return PrepareModuleInputOutput(
+            input_layouts=tuple(stream if a else None for a in entry.activations),
+            desired_input_layouts=tuple(Replicate() if a else None for a in entry.activations),
+            use_local_input=True,
+            output_layouts=Replicate(),
+            desired_output_layouts=stream,
+            use_local_output=not sp,
         )
-        plan.update({f"{role}.{name}": style for name, style in _plan_for(registry, module, role, sp).items()})
-    return plan
+    if isinstance(entry, VocabEmbedding):
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=not sp)
+    if isinstance(entry, VocabHead):
+        return ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
+    raise TypeError(f"unknown tensor-parallel plan entry {entry!r}")
+
+
+def _shared_parameters(model: nn.Module) -> list[list[str]]:
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names[id(param)].append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, param)
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
-    """Shard ``model`` (a whole decoder or one pipeline stage of it) over ``tp_mesh`` in place.
-    Logits come out as a DTensor sharded over the vocabulary (see pretrain/parallel/loss.py)."""
-    embed, norm, head = (getattr(model, name, None) for name in ("embed", "norm", "head"))
-    plan: dict[str, ParallelStyle] = {}
-    if embed is not None:
-        plan["embed"] = RowwiseParallel(
-            input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate(), use_local_output=not sp
+    """Shard ``model`` (a whole model or one pipeline stage of it) over ``tp_mesh`` in place, by
+    every ``tp_plan()`` its modules declare."""
+    shared = _shared_parameters(model)
+    for name, module in list(model.named_modules()):
+        plan = getattr(module, "tp_plan", None)
+        if plan is None:
+            continue
+        present = {rel: style(entry, sp) for rel, entry in plan().items() if _present(module, rel)}
+        itself = present.pop("", None)
+        if present:
+            parallelize_module(module, tp_mesh, present)
+        if itself is not None:
+            parallelize_module(module, tp_mesh, itself)
+    uncovered = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if uncovered:
+        owner = uncovered[0].rpartition(".")[0]
+        raise NotImplementedError(
+            f"no tensor-parallel plan covers {uncovered[0]} (module {type(model.get_submodule(owner)).__name__}): "
+            "declare it in a tp_plan() of its module or an ancestor (models/plans.py), or run with parallel.tp=1"
         )
-    if norm is not None:
-        plan["norm"] = SequenceParallel() if sp else ReplicateParallel()
-    if head is not None:
-        plan["head"] = ColwiseParallel(
-            input_layouts=Shard(1) if sp else Replicate(), output_layouts=Shard(-1), use_local_output=False
-        )
-    tied = embed is not None and head is not None and head.weight is embed.weight
-    if plan:
-        parallelize_module(model, tp_mesh, plan)
-    for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan(block, sp))
-    if tied:  # both are vocab-row shards (Shard(0)): share the DTensor again
-        model.head.weight = model.embed.weight
+    for group in shared:
+        source = model.get_parameter(group[0])
+        for name in group[1:]:
+            if model.get_parameter(name).placements != source.placements:
+                raise ValueError(f"{name} and {group[0]} share a parameter but are sharded differently")
+            _set_parameter(model, name, source)
+
+
+def _present(module: nn.Module, relative: str) -> bool:
+    if not relative:
+        return True
+    try:
+        return module.get_submodule(relative) is not None
+    except AttributeError:
+        return False

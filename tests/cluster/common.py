@@ -17,7 +17,7 @@ SHARED = REPO.parent / "shared"
 
 # 4 ranks x micro-batch 2 = global batch 8: every launcher runs the same optimisation.
 SMALL = [
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
+    "model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2", "model.ffn.d_ff=128",
     "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0",
     "train.global_batch=8", "train.micro_batch=2", "train.eval_interval=0",
     "schedule.warmup_steps=2", "logging.interval=1", "optim.lr=1e-2",

@@ -1,25 +1,31 @@
 """The decoder: RoPE against a complex-number formulation, init scheme, meta-device init, tying,
-pipeline-stage splitting, positions and the mixer/FFN registries."""
+pipeline-stage splitting, positions and a new mixer kind plugged in through the registry."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from models import factories
-from models.model import build_model
-from models.config import ModelConfig
+from models.attention.layer import AttentionConfig
+from models.config import LayerOverride, MixerConfig
+from models.decoder.config import DecoderConfig
+from models.ffn.swiglu import SwiGLUConfig
 from models.rope import apply_rope, rope_tables
+from models.spec import build_model, registered
+from pretrain.parallel.pipeline import split_stage, stage_layer_counts
 
 
-def _config(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=67, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64)
+def _config(n_heads=4, n_kv_heads=2, d_ff=48, **overrides) -> DecoderConfig:
+    fields = dict(vocab_size=67, d_model=32, n_layers=3, max_seq_len=64)
     fields.update(overrides)
-    return ModelConfig(**fields)
+    return DecoderConfig(
+        mixer=AttentionConfig(n_heads=n_heads, n_kv_heads=n_kv_heads), ffn=SwiGLUConfig(d_ff=d_ff), **fields
+    )
 
 
 def test_rope_rotates_pairs_i_and_i_plus_half_by_position_times_frequency():
@@ -102,25 +108,43 @@ def test_stable_parameter_names():
     assert names == expected
 
 
-def test_pipeline_stages_compose_to_the_full_model_with_the_same_keys():
+@pytest.mark.parametrize("counts", [[2, 2], [1, 3], [1, 1, 2], [1, 1, 1, 1]])
+def test_pipeline_stages_compose_to_the_full_model_with_the_same_keys(counts):
+    """split_stage keeps each stage's blocks (the embedding with the first, the final norm and
+    head with the last); running the stages one after another equals the whole model, and their
+    parameter names partition the whole model's."""
     torch.manual_seed(1)
     model = build_model(_config(n_layers=4))
-    first, second = copy.deepcopy(model), copy.deepcopy(model)
-    for i in ("2", "3"):
-        del first.layers[i]
-    for i in ("0", "1"):
-        del second.layers[i]
-    first.norm = first.head = None
-    second.embed = None
+    stages = [split_stage(model, s, counts) for s in range(len(counts))]
     tokens = torch.randint(0, 67, (2, 7))
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]])
-    hidden = first(tokens, doc_ids=doc_ids)
-    assert hidden.shape == (2, 7, 32)
-    torch.testing.assert_close(second(hidden, doc_ids=doc_ids), model(tokens, doc_ids=doc_ids), atol=0, rtol=0)
+    h = tokens
+    for stage in stages:
+        h = stage(h, doc_ids=doc_ids)
+    torch.testing.assert_close(h, model(tokens, doc_ids=doc_ids), atol=0, rtol=0)
     full = model.state_dict()
-    for stage in (first, second):
+    keys = [key for stage in stages for key in stage.state_dict()]
+    assert sorted(keys) == sorted(full)
+    for stage in stages:
         for key, value in stage.state_dict().items():
             assert torch.equal(value, full[key]), key
+    assert [len(stage.layers) for stage in stages] == counts
+    assert stages[0].embed is not None and all(s.embed is None for s in stages[1:])
+    assert stages[-1].head is not None and all(s.head is None and s.norm is None for s in stages[:-1])
+
+
+def test_balanced_stage_counts_put_the_remainder_in_the_middle():
+    """The documented rule: an even split, the remainder one block each to the stages farthest
+    from both ends first (the end stages also hold the embedding and the head)."""
+    for blocks, stages in ((8, 4), (9, 4), (10, 4), (11, 3), (13, 5), (7, 2)):
+        counts = stage_layer_counts(blocks, stages)
+        base, extra = divmod(blocks, stages)
+        assert sum(counts) == blocks and sorted(set(counts)) == sorted({base, base + (extra > 0)})
+        depth = [min(s, stages - 1 - s) for s in range(stages)]  # distance from the nearer end
+        bigger = [s for s in range(stages) if counts[s] > base]
+        smaller = [s for s in range(stages) if counts[s] == base]
+        assert all(depth[b] >= depth[s] for b in bigger for s in smaller), counts
+    assert stage_layer_counts(7, 2, [3, 4]) == [3, 4]
 
 
 def test_sequence_longer_than_max_seq_len_is_refused():
@@ -129,21 +153,50 @@ def test_sequence_longer_than_max_seq_len_is_refused():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def test_a_new_mixer_kind_plugs_in_through_the_registry(monkeypatch):
+class ZeroMixer(nn.Module):
+    def init_weights(self, init_std, out_std):
+        pass
+
+    def forward(self, x, ctx):
+        return torch.zeros_like(x)
+
+
+@dataclass
+class ZeroConfig(MixerConfig):
+    kind: str = "zero"
+
+
+def test_a_new_mixer_kind_plugs_in_through_the_registry():
     """Block and the decoder take any mixer the registry builds: here a mixer that returns zeros
-    makes every block an FFN-only residual block, checked against a hand-written forward."""
+    on every other block makes those FFN-only residual blocks, checked against a hand-written
+    forward."""
+    from models.spec import KindSpec
 
-    class ZeroMixer(nn.Module):
-        def init_weights(self, init_std, out_std):
-            pass
+    zero = KindSpec("zero", ZeroConfig, lambda config, d_model, layer_id: ZeroMixer())
+    with registered(mixers=(zero,)):
+        config = dataclasses.replace(_config(n_layers=4), layer_overrides=[LayerOverride("1::2", {"kind": "zero"})])
+        model = build_model(config)
+        tokens = torch.randint(0, 67, (2, 5))
+        with torch.no_grad():
+            h = model.embed(tokens)
+            for i, block in enumerate(model.layers.values()):
+                if i % 2 == 0:
+                    h = h + block.mixer(block.mixer_norm(h), _context(model, tokens))
+                h = h + block.ffn(block.ffn_norm(h))
+            torch.testing.assert_close(model(tokens), model.head(model.norm(h)), atol=1e-6, rtol=1e-6)
+        assert isinstance(model.layers["1"].mixer, ZeroMixer) and isinstance(model.layers["3"].mixer, ZeroMixer)
+    with pytest.raises(Exception, match="'zero' is unknown"):
+        DecoderConfig.from_dict({"family": "decoder", "mixer": "zero"})
 
-        def forward(self, x, ctx):
-            return torch.zeros_like(x)
 
-    monkeypatch.setitem(factories.MIXERS, "zero", lambda config, layer_id: ZeroMixer())
-    model = build_model(_config(mixer="zero"))
-    tokens = torch.randint(0, 67, (2, 5))
-    h = model.embed(tokens)
-    for block in model.layers.values():
-        h = h + block.ffn(block.ffn_norm(h))
-    torch.testing.assert_close(model(tokens), model.head(model.norm(h)), atol=0, rtol=0)
+def _context(model, tokens):
+    from models.attention.layer import prepare_self_attention
+    from models.context import ForwardContext
+
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    return ForwardContext(
+        rope={8: rope_tables(positions, 8, model.config.rope_theta, torch.float32)},
+        attention=prepare_self_attention(
+            [b.mixer for b in model.layers.values()], tokens.shape[1], 0, None, torch.device("cpu")
+        ),
+    )

@@ -1,24 +1,37 @@
-"""KV-cached decoding equals full forwards; greedy and nucleus sampling."""
+"""Decoding with a decode state (growing KV caches, evicting window caches) equals full
+forwards; cache sizes; greedy and nucleus sampling."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.attention import Attention
-from models.model import build_model
-from models.config import ModelConfig
-from models.context import ForwardContext
+from models.attention.cache import KVCache, WindowKVCache
+from models.attention.layer import AttentionConfig
+from models.config import LayerOverride
+from models.decoder.config import DecoderConfig
+from models.ffn.swiglu import SwiGLUConfig
 from models.generate import generate, nucleus_probs, sample_next
-from models.kv_cache import KVCache
-from models.rope import rope_tables
+from models.spec import build_model
 
 
-def _model(backend="sdpa", **overrides):
-    fields = dict(vocab_size=53, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=40)
-    fields.update(overrides)
+def _model(backend="sdpa", n_kv_heads=2, window=None, overrides=(), max_seq_len=40):
+    config = DecoderConfig(
+        vocab_size=53, d_model=32, n_layers=2, max_seq_len=max_seq_len,
+        mixer=AttentionConfig(n_heads=4, n_kv_heads=n_kv_heads, backend=backend, window=window),
+        ffn=SwiGLUConfig(d_ff=48), layer_overrides=list(overrides),
+    )
     torch.manual_seed(0)
-    return build_model(ModelConfig(attention_backend=backend, **fields)).eval()
+    return build_model(config).eval()
+
+
+def _decode_in_chunks(model, tokens, state):
+    """Prefill 5, then one at a time, then several queries after a cache, then one at a time."""
+    chunks = [model(tokens[:, :5], state=state)]
+    chunks += [model(tokens[:, i : i + 1], state=state) for i in range(5, 9)]
+    chunks.append(model(tokens[:, 9:13], state=state))
+    chunks += [model(tokens[:, i : i + 1], state=state) for i in range(13, tokens.shape[1])]
+    return torch.cat(chunks, dim=1)
 
 
 @pytest.mark.parametrize("backend,kv_heads", [("sdpa", 2), ("sdpa", 4), ("math", 1)])
@@ -27,40 +40,44 @@ def test_cached_decoding_matches_full_forward_at_every_position(backend, kv_head
     tokens = torch.randint(0, 53, (2, 16))
     with torch.no_grad():
         full = model(tokens)
-        cache = KVCache.for_model(model.config, 2, 16, torch.float32, "cpu")
-        chunks = [model(tokens[:, :5], kv_cache=cache)]  # prefill
-        chunks += [model(tokens[:, i : i + 1], kv_cache=cache) for i in range(5, 9)]  # one token at a time
-        chunks.append(model(tokens[:, 9:13], kv_cache=cache))  # several queries after a cache
-        chunks += [model(tokens[:, i : i + 1], kv_cache=cache) for i in range(13, 16)]
-    assert cache.length == 16
-    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+        state = model.new_decode_state(2, 16, torch.float32, "cpu")
+        decoded = _decode_in_chunks(model, tokens, state)
+    assert state.length == 16 and all(isinstance(c, KVCache) for c in state.layers.values())
+    torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
 
 
-def test_cached_sliding_window_attention_matches_full():
-    torch.manual_seed(1)
-    layer = Attention(d_model=32, n_heads=4, n_kv_heads=2, backend="sdpa", layer_id=0, window=3)
-    x = torch.randn(1, 10, 32)
-
-    def context(start, end, cache):
-        cos, sin = rope_tables(torch.arange(start, end)[None], 8, 10000.0, torch.float32)
-        return ForwardContext(cos, sin, None, q_len=end - start, kv_len=end, kv_cache=cache)
-
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_window_caches_evict_and_still_match_the_full_forward(backend):
+    """Sliding-window layers (window 3, and 5 on one layer) keep only window − 1 positions, yet
+    decoding equals the full forward at every position."""
+    model = _model(backend, window=3, overrides=[LayerOverride("1", {"window": 5})])
+    tokens = torch.randint(0, 53, (2, 20))
     with torch.no_grad():
-        full = layer(x, context(0, 10, None))
-        cache = KVCache(1, 1, 2, 8, 10)
-        steps = [layer(x[:, :4], context(0, 4, cache))]
-        cache.advance(4)
-        for i in range(4, 10):
-            steps.append(layer(x[:, i : i + 1], context(i, i + 1, cache)))
-            cache.advance(1)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+        full = model(tokens)
+        state = model.new_decode_state(2, 20, torch.float32, "cpu")
+        decoded = _decode_in_chunks(model, tokens, state)
+    caches = state.layers
+    assert isinstance(caches[0], WindowKVCache) and isinstance(caches[1], WindowKVCache)
+    assert caches[0].length == 2 and caches[1].length == 4  # window − 1 positions, whatever the length
+    per_position = 2 * 2 * 2 * 8 * 4  # batch · (K and V) · kv heads · head dim · fp32 bytes
+    assert state.nbytes() == per_position * (2 + 4)
+    torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
+
+
+def test_a_window_as_long_as_the_generation_uses_a_growing_cache():
+    model = _model(window=64)
+    state = model.new_decode_state(1, 30, torch.float32, "cpu")
+    assert all(isinstance(c, KVCache) for c in state.layers.values())
+    assert state.nbytes() == 2 * 2 * 1 * 2 * 30 * 8 * 4  # layers · (K, V) · batch · kv heads · max_len · D · 4
 
 
 def test_cache_overflow_is_refused():
     model = _model()
-    cache = KVCache.for_model(model.config, 1, 4, torch.float32, "cpu")
+    state = model.new_decode_state(1, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="KV cache holds 4 positions; 6 requested"):
-        model(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
+        model(torch.zeros(1, 6, dtype=torch.long), state=state)
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=40"):
+        model.new_decode_state(1, 41, torch.float32, "cpu")
 
 
 def test_greedy_generation_equals_repeated_full_forward_argmax():

@@ -9,11 +9,17 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.model import build_model
-from models.config import ModelConfig
+from models.attention.layer import AttentionConfig
+from models.config import LayerOverride, ModelConfig
+from models.configtree import load_yaml
 from models.counting import param_counts
-from pretrain.configtree import load_yaml
-from tools.hf_llama import from_hf_config, from_hf_model, to_hf_config, to_hf_model
+from models.decoder.config import DecoderConfig
+from models.decoder.hf import LLAMA_ADAPTER
+from models.ffn.swiglu import SwiGLUConfig
+from models.spec import build_model, hf_adapter
+
+to_hf_config, from_hf_config = LLAMA_ADAPTER.config_to_hf, LLAMA_ADAPTER.config_from_hf
+to_hf_model, from_hf_model = LLAMA_ADAPTER.to_hf_model, LLAMA_ADAPTER.from_hf_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -26,13 +32,14 @@ SHAPES = [
 ]
 
 
-def _config(n_heads, n_kv_heads, tie, vocab, **overrides):
+def _config(n_heads, n_kv_heads, tie, vocab, head_dim=None, **overrides):
     fields = dict(
-        vocab_size=vocab, d_model=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=96,
-        max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6, tie_embeddings=tie,
+        vocab_size=vocab, d_model=64, n_layers=2, max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6,
+        tie_embeddings=tie, mixer=AttentionConfig(n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim),
+        ffn=SwiGLUConfig(d_ff=96),
     )
     fields.update(overrides)
-    return ModelConfig(**fields)
+    return DecoderConfig(**fields)
 
 
 def _perturb_norms(model):
@@ -48,6 +55,7 @@ def _perturb_norms(model):
 def test_logits_match_transformers(n_heads, n_kv_heads, tie, vocab, attn_impl):
     torch.manual_seed(0)
     model = build_model(_config(n_heads, n_kv_heads, tie, vocab)).eval()
+    assert hf_adapter(model.config) is LLAMA_ADAPTER
     _perturb_norms(model)
     hf = to_hf_model(model)
     hf.set_attn_implementation(attn_impl)
@@ -89,8 +97,36 @@ def test_unsupported_hf_configs_are_refused():
         from_hf_config(scaled)
     with pytest.raises(ValueError, match="biases"):
         from_hf_config(LlamaConfig(**base, attention_bias=True))
-    with pytest.raises(ValueError, match="head_dim=16"):
-        from_hf_config(LlamaConfig(**base, head_dim=16))
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        from_hf_config(LlamaConfig(**base, hidden_act="gelu"))
+
+
+def test_a_head_dim_other_than_hidden_over_heads_converts():
+    """Llama allows head_dim ≠ hidden/heads (as Qwen3 uses): ours holds it as mixer.head_dim."""
+    torch.manual_seed(2)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )).eval()
+    ours = from_hf_model(hf)
+    assert ours.config.mixer.head_dim == 16 and ours.layers["0"].mixer.wq.weight.shape == (64, 32)
+    tokens = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (dict(mixer=AttentionConfig(n_heads=4, n_kv_heads=2, window=8)), "a mixer other than full attention"),
+        (dict(layer_overrides=[LayerOverride("0", {"window": 4})]), "per-layer overrides"),
+    ],
+)
+def test_configs_llama_cannot_hold_are_refused(config, message):
+    with pytest.raises(ValueError, match=f"no Hugging Face class holds this decoder config .*{message}"):
+        hf_adapter(DecoderConfig(**config))
+    with pytest.raises(ValueError, match=message):
+        to_hf_config(DecoderConfig(**config))
 
 
 @pytest.mark.parametrize("preset", ["125m", "1b"])

@@ -66,7 +66,7 @@ def test_falls_back_to_f_linear():
 
 
 def test_traced_by_compile_as_one_opaque_op():
-    """Under torch.compile the product is the pretrain::mm_nt custom op (forward and input
+    """Under torch.compile the product is the models::mm_nt custom op (forward and input
     gradient), with the same values as eager."""
     torch.manual_seed(0)
     layer = Linear(64, 96)
@@ -87,7 +87,7 @@ def test_traced_by_compile_as_one_opaque_op():
     out = compiled(x)
     out.sum().backward()
     targets = [str(node.target) for graph in graphs for node in graph.graph.nodes]
-    assert targets.count("pretrain.mm_nt.default") == 2  # x·Wᵀ in forward, g·W in backward
+    assert targets.count("models.mm_nt.default") == 2  # x·Wᵀ in forward, g·W in backward
     eager_x = x.detach().clone().requires_grad_()
     eager = F.silu(layer(eager_x))
     eager.sum().backward()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.model import build_model
+from models.spec import build_model
 from pretrain.parallel.compile import apply_compile
 from tests.parallel.launch import run_ranks
 from tests.parallel.workloads import TINY, global_batch, reference_run, train_layouts

@@ -23,7 +23,7 @@ from pretrain.train import Trainer
 from tests.parallel.launch import run_ranks
 
 SMALL = [
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
+    "model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2", "model.ffn.d_ff=128",
     "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0", "train.global_batch=8",
     "train.micro_batch=2", "train.eval_interval=0", "schedule.warmup_steps=2", "logging.interval=1",
     "optim.lr=3e-3", "train.max_steps=8", "checkpoint.interval=4", "checkpoint.keep_last=2",

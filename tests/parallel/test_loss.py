@@ -9,8 +9,9 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from torch.distributed.tensor.parallel import loss_parallel
+
 from models.loss import language_model_loss
-from pretrain.parallel.loss import lm_loss, loss_context
 from tests.parallel.launch import run_ranks
 
 
@@ -23,8 +24,8 @@ def compare(rank: int, world: int, z_loss: float) -> dict:
     expected, _ = language_model_loss(logits, labels, mask, z_loss=z_loss, normalizer=40.0)
     expected.backward()
     sharded = distribute_tensor(logits.detach(), mesh, [Shard(2)]).requires_grad_()
-    with loss_context(True):
-        loss = lm_loss(sharded, labels, mask, 40.0, z_loss)
+    with loss_parallel():
+        loss, metrics = language_model_loss(sharded, labels, mask, z_loss=z_loss, normalizer=40.0)
         loss.backward()
     return {
         "loss": (float(loss), float(expected)),

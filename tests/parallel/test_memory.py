@@ -1,22 +1,21 @@
 """Saved activation bytes per block, measured with saved-tensor hooks, equal the derivation in
-pretrain/parallel/memory.py exactly: for each recompute mode, attention kernel and dtype in one
+models/decoder/activations.py exactly: for each recompute mode, attention kernel and dtype in one
 process, and per rank under TP and TP+SP."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
-from pretrain.parallel.memory import block_activation_bytes, measure_activations, block_activation_terms
+from models.decoder.activations import block_activation_bytes, block_activation_terms
+from pretrain.parallel.memory import measure_activations
 from pretrain.parallel.recompute import RECOMPUTE_MODES
 from tests.parallel.launch import run_ranks
-from tests.parallel.workloads import TINY
+from tests.parallel.workloads import TINY, variant
 
 # d_ff not a multiple of d_model and GQA, so that no two terms of the derivation coincide.
-CONFIG = dataclasses.replace(TINY, n_layers=3, d_ff=160, max_seq_len=64)
+CONFIG = variant(TINY, ffn={"d_ff": 160}, n_layers=3, max_seq_len=64)
 BATCH, SEQ = 2, 32
 # attention backend, whether rows hold several documents, the derivation's kernel
 KERNELS = [("sdpa", False, "fused"), ("sdpa", True, "fused_masked"), ("math", False, "unfused"),
@@ -24,7 +23,7 @@ KERNELS = [("sdpa", False, "fused"), ("sdpa", True, "fused_masked"), ("math", Fa
 
 
 def measure(mode: str, backend: str, documents: bool, dtype=torch.float32, tp_mesh=None, sp=False) -> dict:
-    config = dataclasses.replace(CONFIG, attention_backend=backend)
+    config = variant(CONFIG, mixer={"backend": backend})
     doc_ids = (torch.arange(SEQ) // 10).expand(BATCH, SEQ) if documents else None
     return measure_activations(config, BATCH, SEQ, mode, dtype, tp_mesh, sp, doc_ids)
 
@@ -34,14 +33,14 @@ def measure(mode: str, backend: str, documents: bool, dtype=torch.float32, tp_me
 def test_one_process_fp32(mode, backend, documents, kernel):
     measured = measure(mode, backend, documents)
     expected = block_activation_bytes(CONFIG, BATCH, SEQ, mode, kernel=kernel)
-    assert measured == {str(i): expected for i in range(CONFIG.n_layers)}
+    assert measured == {f"layers.{i}": expected for i in range(CONFIG.n_layers)}
 
 
 @pytest.mark.parametrize("mode", RECOMPUTE_MODES)
 def test_one_process_bf16(mode):
     measured = measure(mode, "sdpa", False, dtype=torch.bfloat16)
     expected = block_activation_bytes(CONFIG, BATCH, SEQ, mode, element_bytes=2)
-    assert measured == {str(i): expected for i in range(CONFIG.n_layers)}
+    assert measured == {f"layers.{i}": expected for i in range(CONFIG.n_layers)}
 
 
 def test_modes_order_and_the_quadratic_term():
@@ -50,8 +49,8 @@ def test_modes_order_and_the_quadratic_term():
     # Selective recomputation removes exactly what scales with s² (and the kernel's K/V copies).
     terms = block_activation_terms(CONFIG, BATCH, SEQ, "none", kernel="unfused")
     quadratic = terms["probs"] + terms["probs_masked"] + terms["masks_bool"]
-    head_dim = CONFIG.d_model // CONFIG.n_heads
-    expanded = 4 * BATCH * SEQ * 2 * (CONFIG.n_heads - CONFIG.n_kv_heads) * head_dim
+    head_dim = CONFIG.d_model // CONFIG.mixer.n_heads
+    expanded = 4 * BATCH * SEQ * 2 * (CONFIG.mixer.n_heads - CONFIG.mixer.n_kv_heads) * head_dim
     assert bytes_of["none"] - bytes_of["selective"] == quadratic + expanded
     assert bytes_of["full"] == 4 * BATCH * SEQ * CONFIG.d_model  # the block input only
 
@@ -77,7 +76,7 @@ def test_per_rank_under_tensor_parallelism(per_rank, kernel, sp):
     for mode in RECOMPUTE_MODES:
         expected = block_activation_bytes(CONFIG, BATCH, SEQ, mode, kernel=kernel, tp=2, sp=sp)
         for rank, results in enumerate(per_rank):
-            assert results[kernel, sp, mode] == {str(i): expected for i in range(CONFIG.n_layers)}, (mode, rank)
+            assert results[kernel, sp, mode] == {f"layers.{i}": expected for i in range(CONFIG.n_layers)}, (mode, rank)
     if sp and kernel == "fused":  # all but the gathered GEMM inputs divide by tp (a mask would not)
         one = block_activation_bytes(CONFIG, BATCH, SEQ, "none")
         gathered = 2 * 4 * BATCH * SEQ * CONFIG.d_model

@@ -10,7 +10,7 @@ import pytest
 from pretrain.parallel.config import ParallelConfig
 from pretrain.parallel.mesh import LayoutError, ParallelDims, check_layout
 from pretrain.parallel.pipeline import local_stage_ids, stage_layer_counts
-from tests.parallel.workloads import TINY
+from tests.parallel.workloads import TINY, variant
 
 
 def check(world: int, global_batch: int = 8, micro_batch: int = 1, seq_len: int = 32, model=TINY, **fields):
@@ -46,9 +46,9 @@ def test_data_parallel_flavour(fields, fsdp, ddp):
         (8, dict(tp=3), {}, "8 rank(s) cannot be split into parallel.pp x dp_replicate x tp = 1 x 1 x 3 = 3 times"),
         (4, dict(dp_shard=3), {}, "parallel.pp x dp_replicate x dp_shard x tp = 1 x 1 x 3 x 1 = 3; the product must"),
         (2, dict(tp=2), dict(model=dataclasses.replace(TINY, vocab_size=255)), "model.vocab_size (255) must be"),
-        (8, dict(tp=8), {}, "model.n_kv_heads (2) must be divisible by parallel.tp (8)"),
+        (8, dict(tp=8), {}, "model.mixer.n_kv_heads (2) must be divisible by parallel.tp (8)"),
         (2, dict(tp=2), dict(seq_len=33), "data.seq_len (33) must be divisible by parallel.tp (2)"),
-        (2, dict(pp=2, virtual_stages=4, pp_schedule="interleaved_1f1b"), {}, "model.n_layers (4) must be at least"),
+        (2, dict(pp=2, virtual_stages=4, pp_schedule="interleaved_1f1b"), {}, "the model's 4 blocks must be at least"),
         (2, dict(pp=2, pp_stage_layers=[1, 2]), {}, "parallel.pp_stage_layers [1, 2] must list 2 stages"),
         (4, dict(), dict(global_batch=6), "train.global_batch (6) must be a multiple of train.micro_batch (1)"),
         (2, dict(pp=2), dict(global_batch=1), "needs at least pp=2 micro-batches per step, got 1"),
@@ -67,9 +67,9 @@ def test_each_violation_is_named(world, fields, kwargs, message):
 
 def test_all_violations_are_reported_together():
     with pytest.raises(LayoutError) as error:
-        check(8, global_batch=5, seq_len=31, model=dataclasses.replace(TINY, d_ff=130), tp=4, dp_shard=2)
+        check(8, global_batch=5, seq_len=31, model=variant(TINY, ffn={"d_ff": 130}), tp=4, dp_shard=2)
     text = str(error.value)
-    for part in ("model.d_ff (130)", "data.seq_len (31)", "train.global_batch (5)", "model.n_kv_heads (2)"):
+    for part in ("model.ffn.d_ff (130)", "data.seq_len (31)", "train.global_batch (5)", "model.mixer.n_kv_heads (2)"):
         assert part in text, text
 
 

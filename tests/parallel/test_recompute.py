@@ -4,24 +4,22 @@ one process."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from models.loss import language_model_loss
-from models.model import build_model
+from models.spec import build_model
 from pretrain.parallel.recompute import RECOMPUTE_MODES, RecomputedKernel, apply_ac
 from tests.parallel.launch import run_ranks
 from tests.parallel.test_parity import STEPS
-from tests.parallel.workloads import TINY, global_batch, reference_run, train_layouts
+from tests.parallel.workloads import TINY, global_batch, reference_run, train_layouts, variant
 
 
 def gradients(mode: str, every: int, backend: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(TINY, attention_backend=backend))
+    model = build_model(variant(TINY, mixer={"backend": backend}))
     apply_ac(model, mode, every)
     batch = global_batch(0)
     logits = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])

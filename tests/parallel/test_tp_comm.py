@@ -14,10 +14,11 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from models.loss import language_model_loss
 from pretrain.parallel.config import ParallelConfig
-from pretrain.parallel.loss import lm_loss, loss_context
 from pretrain.parallel.mesh import build_mesh, check_layout
 from pretrain.parallel.parallelize import build_parts
 from tests.parallel.launch import run_ranks
@@ -57,15 +58,15 @@ def trace(rank: int, world: int, sp: bool) -> dict:
     args = (batch["input_ids"],)
     kwargs = {"position_ids": batch["position_ids"]}
     comm = CommDebugMode()
-    with comm, loss_context(True):
-        loss = lm_loss(model(*args, **kwargs), batch["labels"], batch["loss_mask"], 64.0)
+    with comm, loss_parallel():
+        loss, _ = language_model_loss(model(*args, **kwargs), batch["labels"], batch["loss_mask"], normalizer=64.0)
         loss.backward()
     per_module = {
         fqn: {phase: _counts(table[phase]) for phase in ("forward", "backward")}
         for fqn, table in comm.comm_module_counts.items()
     }
-    with LocalOpLog() as log, loss_context(True), torch.no_grad():
-        lm_loss(model(*args, **kwargs), batch["labels"], batch["loss_mask"], 64.0)
+    with LocalOpLog() as log, loss_parallel(), torch.no_grad():
+        language_model_loss(model(*args, **kwargs), batch["labels"], batch["loss_mask"], normalizer=64.0)
     return {"modules": per_module, "forward_order": log.names}
 
 

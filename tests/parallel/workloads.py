@@ -1,21 +1,43 @@
 """What the multi-process tests run: a tiny decoder, learnable packed batches, an independent
-single-process training loop (the reference), and the same training under a parallel layout."""
+single-process training loop (the reference), and the same training under a parallel layout.
+
+The reference runs the model and a loss by hand (the decoder's: models.loss; another family's:
+``step_loss``) with a plain fp64 clipping rule; the layouts run the trainer's machinery
+(pretrain.parallel: build_parts, ParallelRunner, clipping, the family's spec)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from models.config import ModelConfig
+import models  # noqa: F401
+from models.attention.layer import AttentionConfig
+from models.decoder.config import DecoderConfig
+from models.ffn.swiglu import SwiGLUConfig
 from models.loss import language_model_loss
-from models.model import build_model
+from models.spec import build_model
 from pretrain.optim import OptimConfig, build_optimizer
 from pretrain.parallel.config import ParallelConfig
 from pretrain.parallel.mesh import build_mesh, check_layout
 from pretrain.parallel.parallelize import build_parts
 from pretrain.parallel.runtime import ParallelRunner
 
-TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=32)
+TINY = DecoderConfig(
+    vocab_size=256, d_model=64, n_layers=4, max_seq_len=32, mixer=AttentionConfig(n_heads=4, n_kv_heads=2),
+    ffn=SwiGLUConfig(d_ff=128),
+)
 GLOBAL_BATCH, SEQ, SEED, MAX_NORM = 8, 32, 0, 1.0
+
+
+def variant(config: DecoderConfig, mixer: dict | None = None, ffn: dict | None = None, **fields) -> DecoderConfig:
+    """``config`` with some of its own, its mixer's and its FFN's fields changed."""
+    return dataclasses.replace(
+        config,
+        mixer=dataclasses.replace(config.mixer, **(mixer or {})),
+        ffn=dataclasses.replace(config.ffn, **(ffn or {})),
+        **fields,
+    )
 OPTIM = OptimConfig(lr=3e-3)
 
 
@@ -58,9 +80,20 @@ def clip_reference(model: torch.nn.Module, max_norm: float) -> float:
     return norm
 
 
-def reference_run(steps: int, micro: int, model_config: ModelConfig = TINY) -> list[tuple[float, float]]:
+def decoder_loss(model, mb: dict, tokens: float, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what to backpropagate, the reported loss) of one micro-batch of the decoder: summed
+    cross entropy over the global batch's ``tokens`` (``share``, the micro-batch's fraction of
+    the global batch, weighs auxiliary losses in families that have them)."""
+    logits = model(mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"])
+    loss = language_model_loss(logits, mb["labels"], mb["loss_mask"], normalizer=tokens)[0]
+    return loss, loss
+
+
+def reference_run(
+    steps: int, micro: int, model_config=TINY, step_loss=decoder_loss
+) -> list[tuple[float, float]]:
     """(loss, grad norm) per step of one process training the whole global batch in
-    micro-batches, with models.loss and a plain fp64 clipping rule only."""
+    micro-batches, with ``step_loss`` and a plain fp64 clipping rule only."""
     with torch.device("meta"):
         model = build_model(model_config)
     model.to_empty(device="cpu")
@@ -73,11 +106,9 @@ def reference_run(steps: int, micro: int, model_config: ModelConfig = TINY) -> l
         tokens = float(batch["loss_mask"].sum())
         total = 0.0
         for start in range(0, GLOBAL_BATCH, micro):
-            mb = cut(batch, start, micro)
-            logits = model(mb["input_ids"], position_ids=mb["position_ids"], doc_ids=mb["doc_ids"])
-            loss, _ = language_model_loss(logits, mb["labels"], mb["loss_mask"], normalizer=tokens)
+            loss, reported = step_loss(model, cut(batch, start, micro), tokens, micro / GLOBAL_BATCH)
             loss.backward()
-            total += float(loss.detach())
+            total += float(reported.detach())
         norm = clip_reference(model, MAX_NORM)
         optimizer.step()
         optimizer.zero_grad()
@@ -95,7 +126,7 @@ class ParallelTraining:
         micro: int,
         recompute: str = "none",
         every: int = 1,
-        model_config: ModelConfig = TINY,
+        model_config=TINY,
     ):
         dims = check_layout(parallel, model_config, world, global_batch=GLOBAL_BATCH, micro_batch=micro, seq_len=SEQ)
         self.mesh = build_mesh(dims, "cpu")
@@ -122,13 +153,13 @@ class ParallelTraining:
         norm = self.runner.clip_grad_norm_(MAX_NORM)
         for optimizer in self.optimizers:
             optimizer.step()
+        self.runner.post_step()
+        for optimizer in self.optimizers:
             optimizer.zero_grad()
         return float(loss), norm
 
 
-def train_layouts(
-    rank: int, world: int, layouts: dict[str, tuple], steps: int, model_config: ModelConfig = TINY
-) -> dict:
+def train_layouts(rank: int, world: int, layouts: dict[str, tuple], steps: int, model_config=TINY) -> dict:
     """Train each named layout — (ParallelConfig fields, micro-batch[, recompute mode[, every]])
     — for ``steps`` steps."""
     results = {}

@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 
-from models.config import ModelConfig
+from models.attention.layer import AttentionConfig
 from models.counting import param_counts
-from models.model import build_model
+from models.decoder.config import DecoderConfig
+from models.ffn.swiglu import SwiGLUConfig
+from models.spec import build_model
 from pretrain.config import load_config
 from tools.scaling.ladder import (
     LadderSettings, budget_run, compute_optimal_params, isoflop_grid, make_run, olmo_batch_sequences, olmo_lr,
@@ -33,8 +35,9 @@ def _nearest_error(target: float, s: LadderSettings) -> float:
             if d / layers < s.aspect_range[0]:
                 continue
             ff = math.ceil(s.ffn_ratio * d / (s.ffn_multiple * s.tp)) * s.ffn_multiple * s.tp
-            c = ModelConfig(vocab_size=s.vocab_size, d_model=d, n_layers=layers, n_heads=d // s.head_dim,
-                            n_kv_heads=d // s.head_dim // s.kv_ratio, d_ff=ff)
+            c = DecoderConfig(vocab_size=s.vocab_size, d_model=d, n_layers=layers,
+                              mixer=AttentionConfig(n_heads=d // s.head_dim, n_kv_heads=d // s.head_dim // s.kv_ratio),
+                              ffn=SwiGLUConfig(d_ff=ff))
             n = param_counts(c).non_embedding
             best = min(best, abs(math.log(n / target)))
             if n > 2 * target:
@@ -48,10 +51,12 @@ def test_shapes_satisfy_the_invariants(index):
     within = 0
     for target in TARGETS[index]:
         c = shape_for_params(target, s)
+        mixer, ffn = c.mixer, c.ffn
+        assert isinstance(mixer, AttentionConfig) and isinstance(ffn, SwiGLUConfig) and not c.layer_overrides
         assert c.d_model % (s.head_dim * s.kv_ratio * s.tp) == 0
-        assert c.n_heads * s.head_dim == c.d_model and c.n_heads % s.tp == 0
-        assert c.n_kv_heads % s.tp == 0 and c.n_heads == s.kv_ratio * c.n_kv_heads
-        assert c.d_ff % (s.ffn_multiple * s.tp) == 0 and c.d_ff >= s.ffn_ratio * c.d_model
+        assert mixer.n_heads * s.head_dim == c.d_model and mixer.n_heads % s.tp == 0
+        assert mixer.n_kv_heads % s.tp == 0 and mixer.n_heads == s.kv_ratio * mixer.n_kv_heads
+        assert ffn.d_ff % (s.ffn_multiple * s.tp) == 0 and ffn.d_ff >= s.ffn_ratio * c.d_model
         assert s.aspect_range[0] <= c.d_model / c.n_layers <= s.aspect_range[1]
         n = param_counts(c).non_embedding
         nearest = _nearest_error(target, s)
@@ -140,5 +145,7 @@ def test_overrides_are_a_valid_trainer_config():
     for run in isoflop_grid([3e13], 3, 3.0, s):
         config = load_config("tiny", run.overrides("runs/check"))
         assert config.model.d_model == run.model["d_model"] and config.train.max_steps == run.max_steps
+        assert config.model.mixer.n_heads == run.model["n_heads"] and config.model.ffn.d_ff == run.model["d_ff"]
+        assert config.model.mixer.n_kv_heads == run.model["n_kv_heads"]
         assert config.train.eval_batches == 3 and config.data.allow_repeat
         assert param_counts(config.model).non_embedding == run.n

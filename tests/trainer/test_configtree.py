@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from pretrain.configtree import ConfigError, apply_overrides, from_dict, to_dict
+from models.configtree import ConfigError, apply_overrides, from_dict, to_dict
 
 
 @dataclass

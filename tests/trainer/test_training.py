@@ -23,7 +23,7 @@ from pretrain.signals import EXIT_CHECKPOINTED_FOR_REQUEUE
 from pretrain.train import Trainer, TrainingError
 
 SMALL = [
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
+    "model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2", "model.ffn.d_ff=128",
     "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0",
     "train.global_batch=8", "train.micro_batch=4", "train.eval_interval=4", "train.eval_batches=2",
     "schedule.warmup_steps=2", "logging.interval=1", "optim.lr=1e-2",
@@ -191,7 +191,8 @@ def test_non_finite_steps_are_skipped_then_stop(cache, tmp_path):
         (["data.seq_len=128"], "data.seq_len (128) exceeds model.max_seq_len (64)"),
         (["data.paths=[/no/such/shards]"], "data path /no/such/shards does not exist"),
         (["model.vocab_size=1000"], "model.vocab_size is 1000; set model.vocab_size >= 4096"),
-        (["model.n_heads=3"], "n_heads"),
+        (["model.mixer.n_heads=3"], "model.mixer.n_heads"),
+        (["model.n_heads=4"], "'model.n_heads' has moved: it is now 'model.mixer.n_heads'"),
         (["train.max_steps=100000"], "Set allow_repeat=True"),
     ],
 )

@@ -22,7 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.counting import ParamCounts, block_matmul_params, param_counts, training_flops_per_token
+from torch import nn
+
+from models.attention.layer import AttentionConfig
+from models.counting import ParamCounts, build_meta, param_counts, training_flops_per_token
+from models.ffn.swiglu import SwiGLUConfig
 
 
 @dataclass(frozen=True)
@@ -93,23 +97,41 @@ def chinchilla_table_a4(include_embeddings: bool = False) -> list[dict]:
     return rows
 
 
-def chinchilla_shape(config) -> ChinchillaShape:
-    """Our ModelConfig in Chinchilla's terms (SwiGLU: three d×d_ff matrices)."""
-    if config.mixer != "attention" or config.ffn != "swiglu":
+def _uniform_attention_swiglu(config) -> tuple[AttentionConfig, SwiGLUConfig]:
+    """The mixer and FFN of a decoder whose blocks are all attention + SwiGLU (what these
+    published conventions describe)."""
+    mixer, ffn = getattr(config, "mixer", None), getattr(config, "ffn", None)
+    if not isinstance(mixer, AttentionConfig) or not isinstance(ffn, SwiGLUConfig) or config.layer_overrides:
         raise ValueError(
-            f"the Chinchilla count knows attention + swiglu blocks, not mixer={config.mixer!r} ffn={config.ffn!r}"
+            "the Kaplan and Chinchilla counts know decoders of uniform attention + swiglu blocks, not "
+            f"family={config.family!r} mixer={mixer!r} ffn={ffn!r} with {len(getattr(config, 'layer_overrides', []))} "
+            "layer overrides"
         )
+    return mixer, ffn
+
+
+def chinchilla_shape(config) -> ChinchillaShape:
+    """Our decoder config in Chinchilla's terms (SwiGLU: three d×d_ff matrices)."""
+    mixer, ffn = _uniform_attention_swiglu(config)
     return ChinchillaShape(
-        n_layers=config.n_layers, d_model=config.d_model, ffw_size=config.d_ff, n_heads=config.n_heads,
-        key_size=config.head_dim, vocab_size=config.vocab_size, n_kv_heads=config.n_kv_heads, ffn_matrices=3,
+        n_layers=config.n_layers, d_model=config.d_model, ffw_size=ffn.d_ff, n_heads=mixer.n_heads,
+        key_size=mixer.resolved_head_dim(config.d_model), vocab_size=config.vocab_size,
+        n_kv_heads=mixer.n_kv_heads, ffn_matrices=3,
     )
+
+
+def block_matmul_params(config) -> int:
+    """Weights of the blocks' linear layers (Kaplan's N: no norms, no embedding or head)."""
+    model = build_meta(config)
+    blocks = [model.get_submodule(name) for name in model.block_names()]
+    return sum(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
 
 
 def kaplan_flops_per_token(config, seq_len: int) -> float:
     """Training FLOPs per token by Kaplan et al.: 3 × (2·N_blocks + 2·n_layers·n_ctx·d_attn)."""
-    n_blocks = config.n_layers * block_matmul_params(config)
-    d_attn = config.n_heads * config.head_dim
-    return 3 * (2 * n_blocks + 2 * config.n_layers * seq_len * d_attn)
+    mixer, _ = _uniform_attention_swiglu(config)
+    d_attn = mixer.n_heads * mixer.resolved_head_dim(config.d_model)
+    return 3 * (2 * block_matmul_params(config) + 2 * config.n_layers * seq_len * d_attn)
 
 
 def chinchilla_flops_per_token(config, seq_len: int, include_embeddings: bool = True) -> float:

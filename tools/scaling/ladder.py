@@ -28,7 +28,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from models.config import ModelConfig
+from models.attention.layer import AttentionConfig
+from models.decoder.config import DecoderConfig
+from models.ffn.swiglu import SwiGLUConfig
 from models.counting import param_counts, training_flops_per_token
 
 OLMO_REFERENCE_N = 108e6
@@ -84,14 +86,15 @@ class LadderSettings:
         return self.head_dim * self.kv_ratio * self.tp
 
 
-def model_config(d_model: int, n_layers: int, s: LadderSettings) -> ModelConfig:
-    """The ModelConfig of one (width, depth) under the settings' divisibility rules."""
+def model_config(d_model: int, n_layers: int, s: LadderSettings) -> DecoderConfig:
+    """The decoder config of one (width, depth) under the settings' divisibility rules."""
     unit = s.ffn_multiple * s.tp
     d_ff = math.ceil(s.ffn_ratio * d_model / unit) * unit
     n_heads = d_model // s.head_dim
-    config = ModelConfig(
-        vocab_size=s.vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=n_heads // s.kv_ratio, d_ff=d_ff, max_seq_len=s.seq_len, tie_embeddings=s.tie_embeddings,
+    config = DecoderConfig(
+        vocab_size=s.vocab_size, d_model=d_model, n_layers=n_layers, max_seq_len=s.seq_len,
+        tie_embeddings=s.tie_embeddings, mixer=AttentionConfig(n_heads=n_heads, n_kv_heads=n_heads // s.kv_ratio),
+        ffn=SwiGLUConfig(d_ff=d_ff),
     )
     config.validate()
     return config
@@ -101,7 +104,7 @@ def _non_embedding(d_model: int, n_layers: int, s: LadderSettings) -> int:
     return param_counts(model_config(d_model, n_layers, s)).non_embedding
 
 
-def shape_for_params(target: float, s: LadderSettings) -> ModelConfig:
+def shape_for_params(target: float, s: LadderSettings) -> DecoderConfig:
     """The shape whose N is nearest ``target`` (see the module docstring for the rule)."""
     s.validate()
     low, high = s.aspect_range
@@ -167,7 +170,9 @@ class RunSpec:
     def overrides(self, run_dir: str | None) -> list[str]:
         """``key=value`` overrides for ``pretrain train`` (``run.dir`` unless None); ``self.extra``
         comes last, so it wins."""
-        model = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.model.items()]
+        model = [
+            f"model.{MODEL_FIELDS[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.model.items()
+        ]
         where = [] if run_dir is None else [f"run.dir={run_dir}"]
         return model + where + [
             f"data.seq_len={self.seq_len}",
@@ -190,7 +195,19 @@ class RunSpec:
         return asdict(self)
 
 
-MODEL_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "tie_embeddings")
+# A run's model as a flat row (the sweep tables' columns) → each field's key in the config tree.
+MODEL_FIELDS = {
+    "vocab_size": "vocab_size", "d_model": "d_model", "n_layers": "n_layers", "n_heads": "mixer.n_heads",
+    "n_kv_heads": "mixer.n_kv_heads", "d_ff": "ffn.d_ff", "max_seq_len": "max_seq_len",
+    "tie_embeddings": "tie_embeddings",
+}
+
+
+def _field(config: DecoderConfig, key: str):
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _si(x: float) -> str:
@@ -200,7 +217,7 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def make_run(config: ModelConfig, tokens: float, s: LadderSettings, name: str | None = None,
+def make_run(config: DecoderConfig, tokens: float, s: LadderSettings, name: str | None = None,
              budget: float | None = None) -> RunSpec:
     """The run that trains ``config`` for about ``tokens`` tokens with the OLMo recipe."""
     n = param_counts(config).non_embedding
@@ -211,7 +228,7 @@ def make_run(config: ModelConfig, tokens: float, s: LadderSettings, name: str | 
     steps = max(1, round(tokens / batch_tokens))
     warmup = min(math.ceil(n / batch_tokens), steps // 4)
     d = steps * batch_tokens
-    model = {k: getattr(config, k) for k in MODEL_FIELDS}
+    model = {k: _field(config, key) for k, key in MODEL_FIELDS.items()}
     return RunSpec(
         name=name or f"N{_si(n)}_D{_si(d)}", model=model, n=n, n_total=param_counts(config).total,
         seq_len=s.seq_len, global_batch=batch, micro_batch=s.micro_batch, max_steps=steps, lr=olmo_lr(n, s),

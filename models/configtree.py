@@ -1,8 +1,16 @@
 """Typed dataclass trees built from YAML mappings and ``a.b.c=value`` overrides.
 
-Generic machinery only (the run's tree lives in ``pretrain/config.py``): every key is checked
-against the dataclass fields, every value against its annotation, and an error names the full
-dotted key, what was wrong and what would be accepted.
+Generic machinery only (the run's tree lives in ``pretrain/config.py``, the model's section in
+``models/``): every key is checked against the dataclass fields, every value against its
+annotation, and an error names the full dotted key, what was wrong and what would be accepted.
+
+Tagged unions: a field annotated with a :class:`Tagged` base (e.g. ``ffn: FFNConfig``) takes a
+mapping whose tag key (``kind``, or ``family`` for the model) picks the concrete dataclass from
+the base's ``variants()``; the other keys must be fields of that variant. A bare string is the
+tag alone (``ffn: swiglu`` = ``ffn: {kind: swiglu}``).
+
+Renamed keys: a dataclass may map old key names to their new dotted place in ``RENAMED``; using
+an old name is an error that says where it went.
 """
 
 from __future__ import annotations
@@ -14,6 +22,27 @@ import typing
 from typing import Any, Mapping
 
 import yaml
+
+
+class Tagged:
+    """Base of a tagged union of config dataclasses. Subclasses that are the union's base set
+    ``TAG`` (the key naming the variant) and implement ``variants()``; each variant is a
+    dataclass with a field named ``TAG`` whose default is its own name."""
+
+    TAG: typing.ClassVar[str] = "kind"
+    UNION: typing.ClassVar[str] = "kind"  # what a variant is called in messages ("ffn kind")
+
+    @classmethod
+    def variants(cls) -> dict[str, type]:
+        raise NotImplementedError
+
+    @classmethod
+    def is_union_base(cls) -> bool:
+        return "variants" in cls.__dict__
+
+
+def variant_name(obj: Any) -> str:
+    return getattr(obj, type(obj).TAG)
 
 
 class ConfigError(ValueError):
@@ -29,14 +58,42 @@ def from_dict(cls: type, values: Mapping[str, Any] | None, prefix: str = "") -> 
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, fields, n=1)
-        hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
-        raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        raise ConfigError(_unknown_key_message(cls, unknown[0], fields, prefix))
     kwargs = {}
     for name, value in values.items():
         kwargs[name] = coerce(hints[name], value, f"{prefix}{name}")
     return cls(**kwargs)
+
+
+def _unknown_key_message(cls: type, key: str, fields: dict, prefix: str) -> str:
+    renamed = getattr(cls, "RENAMED", {})
+    section = prefix.rstrip(".")
+    if key in renamed:
+        return f"'{prefix}{key}' has moved: it is now '{renamed[key]}'"
+    close = difflib.get_close_matches(key, fields, n=1)
+    if isinstance(cls, type) and issubclass(cls, Tagged):
+        return (
+            f"'{prefix}{key}' is not a field of {section} {cls.UNION} {getattr(cls, cls.TAG, '?')!r}; "
+            f"its fields are {', '.join(fields)}" + (f" (did you mean '{prefix}{close[0]}'?)" if close else "")
+        )
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+    return f"unknown config key '{prefix}{key}'{hint}"
+
+
+def tagged_from_value(base: type, value: Any, key: str) -> Any:
+    """The variant of tagged union ``base`` that ``value`` (a mapping with the tag, or the tag
+    alone as a string) names, built from the rest of the mapping."""
+    tag = base.TAG
+    if isinstance(value, str):
+        value = {tag: value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{key}' must be a mapping with a '{tag}' (or just the {base.UNION} name), got {value!r}")
+    variants = base.variants()
+    name = value.get(tag)
+    if name not in variants:
+        what = f"{name!r} is unknown" if tag in value else f"needs a '{tag}'"
+        raise ConfigError(f"'{key}.{tag}' {what}; choose one of {sorted(variants)}")
+    return from_dict(variants[name], value, key + ".")
 
 
 def coerce(annotation: Any, value: Any, key: str) -> Any:
@@ -44,6 +101,10 @@ def coerce(annotation: Any, value: Any, key: str) -> Any:
     list → tuple, mapping → dataclass, "3e-4" → float)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, Tagged) and annotation.is_union_base():
+        if isinstance(value, annotation):
+            return value
+        return tagged_from_value(annotation, value, key)
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value

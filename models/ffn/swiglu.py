@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward (the ``swiglu`` FFN): w2(silu(w1·x) ⊙ w3·x).
+"""SwiGLU feed-forward (the ``swiglu`` FFN kind): w2(silu(w1·x) ⊙ w3·x).
 
 ``w1`` is the gate projection, ``w3`` the up projection (both [d_ff, d]), ``w2`` the down
 projection [d, d_ff] — Meta Llama's names; HF calls them gate_proj, up_proj, down_proj.
@@ -6,11 +6,28 @@ projection [d, d_ff] — Meta Llama's names; HF calls them gate_proj, up_proj, d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import FFNConfig
 from models.linear import Linear
+from models.plans import Colwise, Rowwise
+from models.spec import register_ffn
+
+
+@dataclass
+class SwiGLUConfig(FFNConfig):
+    kind: str = "swiglu"
+    d_ff: int = 1024
+
+    def problems(self, prefix: str, d_model: int) -> list[str]:
+        return [] if self.d_ff > 0 else [f"{prefix}.d_ff must be a positive integer, got {self.d_ff}"]
+
+    def tp_sizes(self, prefix: str, d_model: int) -> dict[str, int]:
+        return {f"{prefix}.d_ff": self.d_ff}
 
 
 class SwiGLU(nn.Module):
@@ -25,5 +42,11 @@ class SwiGLU(nn.Module):
         nn.init.normal_(self.w3.weight, std=init_std)
         nn.init.normal_(self.w2.weight, std=out_std)
 
+    def tp_plan(self) -> dict:
+        return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+register_ffn("swiglu", SwiGLUConfig, lambda config, d_model, layer_id: SwiGLU(d_model, config.d_ff))

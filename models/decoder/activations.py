@@ -1,0 +1,143 @@
+"""Activation memory of one decoder block, derived from its ops: what each op's backward needs
+(checked against measurement by tests/parallel/test_memory.py through
+pretrain/parallel/memory.py).
+
+The way Korthikanti et al. 2022 count their GPT block (34·s·b·h + 5·a·s²·b bytes in 16-bit):
+per op, what its backward needs. For our block (RMSNorm, SwiGLU, GQA, no dropout), T = s·b
+tokens, f = d_ff, h_kv = n_kv_heads·head_dim, e bytes per activation:
+
+- RMSNorm (×2, computed in fp32): its fp32 input (x itself in fp32, a copy in bf16) 4·T·h,
+  1/rms 4·T, x/rms before the gain (the gain's gradient) e·T·h, and its output, kept by the
+  GEMMs that read it, e·T·h.
+- attention, fused kernel (SDPA flash): q and k after RoPE and v, e·T·(h + 2·h_kv); the output
+  e·T·h (also the output projection's input: the reshape is a view); the log-sum-exp 4·T·a.
+  With a document mask SDPA expands K/V to all heads and keeps an fp32 copy of the mask
+  (4·b·s²); the unfused math kernel keeps softmax probabilities twice (8·a·s²·b in fp32).
+- SwiGLU: gate and up projections, SiLU(gate) and their product: 4·e·T·f.
+
+With e = 2 and the fused kernel that is s·b·h·(20 + 4·h_kv/h + 8·f/h) + s·b·(8 + 4·a) bytes per
+block (GPT's 34 becomes 53 for the 1b preset: the fp32 norms cost 20 instead of 4, a 4h SwiGLU 32
+instead of 19; flash attention removes the 5·a·s²·b term).
+
+Modes: ``selective`` keeps the attention kernel's inputs and output only (drops the
+log-sum-exp, or the probabilities); ``full`` keeps the block input; ``op`` keeps the block input,
+the GEMM outputs (q, k, v, o, gate, up, down — under TP the reduced o and down instead) and the
+kernel's output and log-sum-exp. Under tensor parallelism head- and FFN-sharded tensors divide by
+tp; with sequence parallelism the norm region divides by tp too, but the all-gathered GEMM
+inputs stay whole (Megatron keeps the shard and gathers again in backward; ``op`` does so).
+
+The derivation covers decoders whose blocks are all full attention + SwiGLU (the presets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+KERNELS = ("fused", "fused_masked", "unfused", "unfused_masked")
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Per-rank sizes: T tokens (s·b), h model width, f FFN width per rank, q/kv widths per rank,
+    a heads per rank; ``sp_tokens`` = tokens of the sequence-parallel region per rank."""
+
+    batch: int
+    seq: int
+    h: int
+    f: int
+    q: int
+    kv: int
+    heads: int
+    sp_tokens: int
+
+    @classmethod
+    def of(cls, model, batch: int, seq: int, tp: int = 1, sp: bool = False) -> BlockShape:
+        attention, d_ff = model.mixer, model.ffn.d_ff
+        head_dim = attention.resolved_head_dim(model.d_model)
+        tokens = batch * seq
+        return cls(
+            batch, seq, model.d_model, d_ff // tp, attention.n_heads * head_dim // tp,
+            attention.n_kv_heads * head_dim // tp, attention.n_heads // tp, tokens // tp if sp else tokens,
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def _norm_terms(shape: BlockShape, e: int) -> dict[str, int]:
+    """One RMSNorm: fp32 input (x itself in fp32, a copy in bf16), 1/rms, x/rms (the gain's
+    gradient) over the sequence-parallel region, and its output as kept by the next GEMMs:
+    whole (replicated, or all-gathered under SP)."""
+    n, h = shape.sp_tokens, shape.h
+    return {"x_fp32": 4 * n * h, "inv_rms": 4 * n, "x_normed": e * n * h, "gemm_input": e * shape.tokens * h}
+
+
+def _attention_terms(shape: BlockShape, e: int, kernel: str) -> dict[str, int]:
+    t, s, b, a = shape.tokens, shape.seq, shape.batch, shape.heads
+    if kernel == "fused":  # flash: native GQA; its output is also the output projection's input
+        return {"q": e * t * shape.q, "k": e * t * shape.kv, "v": e * t * shape.kv, "out": e * t * shape.q,
+                "lse_fp32": 4 * t * a}
+    if kernel == "fused_masked":  # K/V expanded to every head; the bool mask becomes an fp32 one
+        return {"q": e * t * shape.q, "k_expanded": e * t * shape.q, "v_expanded": e * t * shape.q,
+                "out": e * t * shape.q, "lse_fp32": 4 * t * a, "mask_fp32": 4 * b * s * s}
+    # unfused (math, fp32): scores' inputs, softmax output, masked probabilities, their V, the
+    # inverted bool mask and its any() row mask (per row with documents), and a contiguous copy
+    # for the output projection
+    rows = b if kernel == "unfused_masked" else 1
+    return {"q": e * t * shape.q, "k_expanded": e * t * shape.q, "v_expanded": e * t * shape.q,
+            "probs": 4 * b * a * s * s, "probs_masked": 4 * b * a * s * s, "masks_bool": rows * (s * s + s),
+            "out_copy": e * t * shape.q}
+
+
+def _ffn_terms(shape: BlockShape, e: int) -> dict[str, int]:
+    n = e * shape.tokens * shape.f
+    return {"gate": n, "up": n, "silu_gate": n, "gate_x_up": n}
+
+
+def block_activation_terms(
+    model, batch: int, seq: int, mode: str = "none", *, kernel: str = "fused", tp: int = 1, sp: bool = False,
+    element_bytes: int = 4,
+) -> dict[str, int]:
+    """Bytes one block keeps for backward on one rank, by tensor, for ``mode`` (none | selective
+    | op | full), attention ``kernel`` (``fused``: SDPA flash on unpacked causal rows;
+    ``fused_masked``: SDPA with a document mask; ``unfused`` / ``unfused_masked``: the math
+    backend without / with documents, fp32 only) and activations of ``element_bytes`` (4: fp32;
+    2: bf16 parameters)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
+    if element_bytes != 4 and kernel != "fused":
+        raise ValueError("the derivation covers bf16 activations for the fused kernel only")
+    e = element_bytes
+    shape = BlockShape.of(model, batch, seq, tp, sp)
+    t, h = shape.tokens, shape.h
+    if mode == "full":
+        return {"block_input": e * shape.sp_tokens * h}
+    if mode == "op":
+        terms = {"block_input": e * shape.sp_tokens * h, "q": e * t * shape.q, "k": e * t * shape.kv,
+                 "v": e * t * shape.kv, "gate": e * t * shape.f, "up": e * t * shape.f}
+        if tp > 1:  # the reduce-scatter (SP) or all-reduce outputs, not the unreduced GEMM outputs
+            terms.update(o_reduced=e * shape.sp_tokens * h, down_reduced=e * shape.sp_tokens * h)
+        else:
+            terms.update(o_proj=e * t * h, down_proj=e * t * h)
+        if kernel.startswith("unfused"):  # its batched matmuls: scores, and probabilities times V
+            terms.update(scores=4 * shape.batch * shape.heads * shape.seq**2, probs_v=e * t * shape.q)
+        else:
+            terms.update(attention_out=e * t * shape.q, lse_fp32=4 * t * shape.heads)
+        return terms
+    terms = {f"mixer_norm.{k}": v for k, v in _norm_terms(shape, e).items()}
+    if mode == "selective":  # the kernel's inputs and output only
+        terms.update(q=e * t * shape.q, k=e * t * shape.kv, v=e * t * shape.kv, out=e * t * shape.q)
+    elif mode == "none":
+        terms.update(_attention_terms(shape, e, kernel))
+    else:
+        raise ValueError(f"unknown recompute mode {mode!r}")
+    terms.update({f"ffn_norm.{k}": v for k, v in _norm_terms(shape, e).items()})
+    terms.update(_ffn_terms(shape, e))
+    return terms
+
+
+def block_activation_bytes(model, batch: int, seq: int, mode: str = "none", **kwargs) -> int:
+    """Total of :func:`block_activation_terms`."""
+    return sum(block_activation_terms(model, batch, seq, mode, **kwargs).values())

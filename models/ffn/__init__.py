@@ -1,0 +1,1 @@
+"""FFN kinds usable by every family: ``swiglu`` (swiglu.py)."""
