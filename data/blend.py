@@ -198,6 +198,6 @@ def _first_excess(dataset_index: np.ndarray, d: int, capacity: int) -> int:
 def _oversample_error(sources, d, needed, available, split_name, seq_len, tokens) -> DataError:
     return DataError(
         f"blend source {d} ({sources[d].paths}) must supply {needed} {split_name} samples but one epoch "
-        f"of it holds only {available} ({tokens} tokens at seq_len {seq_len}). Set allow_repeat=True "
+        f"of it holds only {available} ({tokens} tokens at seq_len {seq_len}). Set data.allow_repeat=true "
         "to repeat it over reshuffled epochs, or lower its weight, add data, or train on fewer samples"
     )

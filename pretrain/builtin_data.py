@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from data.blend import parse_blend
@@ -38,18 +39,24 @@ def prepare_builtin_corpus(root: Path | None = None, log=print) -> Path:
     """Corpus → tokenizer → shards under ``root``; returns the shard directory. Each stage is
     written atomically and skipped when already complete."""
     root = (root or cache_root()) / BUILTIN_VERSION
+    started, worked = time.perf_counter(), False
     corpus = root / "bible.jsonl"
     if not corpus.is_file():
+        worked = True
         log(f"preparing the built-in corpus (King James Bible, 1,189 chapters) in {root}")
         write_bible_jsonl(corpus)
     tokenizer = root / "tokenizer" / "tokenizer.model"
     if not tokenizer.is_file():
+        worked = True
         log(f"training a {BUILTIN_VOCAB}-piece BPE tokenizer on it -> {tokenizer}")
         train_sentencepiece([corpus], tokenizer.parent, vocab_size=BUILTIN_VOCAB)
     shards = root / "shards"
     if not (shards / "manifest.json").is_file():
+        worked = True
         log(f"tokenizing into shards -> {shards}")
         preprocess([corpus], tokenizer, shards, append_eod=True, workers=min(2, os.cpu_count() or 1), progress=False)
+    if worked:
+        log(f"built-in corpus ready in {time.perf_counter() - started:.1f} s (prepared once, reused from {root})")
     return shards
 
 

@@ -546,7 +546,7 @@ def _collect_state(
 ) -> tuple[dict[str, dict[str, Any]], list[tuple[list[str], list[str]]]]:
     """One DCP state dict ``{"model": ..., "optimizer": ...}`` keyed by canonical FQNs over all
     parts, and each part's keys (so a loaded dict can be handed back part by part). Parts hold
-    disjoint parameters; a buffer present in several parts (e.g. RoPE tables) is saved once."""
+    disjoint parameters; a buffer present in several parts is saved once."""
     model_sd: dict[str, Any] = {}
     optim_sd: dict[str, Any] = {}
     keys = []

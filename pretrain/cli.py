@@ -1,7 +1,9 @@
 """The ``pretrain`` command: ``pretrain data ...``, ``pretrain train``, and friends.
 
 Each area registers its own subcommands; a user error (bad input, bad config) prints one
-``error: ...`` line and exits with status 2 instead of a stack trace.
+``error: ...`` line and exits with status 2 instead of a stack trace; training that cannot go on
+(``train.max_bad_steps`` consecutive non-finite losses) prints one ``error: ...`` line too and
+exits with status 3.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from data.indexed import IndexedFormatError
 from data.preprocess import PreprocessError
 from data.readers import InputError
 from data.tokenizer import TokenizerError
-from pretrain.errors import CheckpointError
+from pretrain.errors import CheckpointError, TrainingError
 from pretrain.commands import add_run_commands
 from models.configtree import ConfigError
 from tools.scaling.cli import add_scaling_commands
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -74,12 +74,6 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on any rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -4,3 +4,7 @@ heavy imports so that ``pretrain data ...`` starts without loading torch."""
 
 class CheckpointError(Exception):
     """A checkpoint is missing, incomplete, or does not fit what is asked of it."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. too many consecutive non-finite steps): exit status 3."""

@@ -25,20 +25,18 @@ import yaml
 
 from data.loader import build_loader
 from models.counting import mfu, training_flops_per_token
+from pretrain.banner import run_banner
 from pretrain.builtin_data import resolve_data
 from pretrain.checkpoint import CheckpointManager, seed_rng
 from pretrain.config import Config, validate
 from pretrain.distributed import DistInfo, any_rank, barrier, init_distributed, shutdown
+from pretrain.errors import TrainingError
 from pretrain.metrics import MetricsLogger
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel.mesh import ParallelDims, build_mesh
 from pretrain.parallel.parallelize import build_parts
 from pretrain.parallel.runtime import ParallelRunner
 from pretrain.signals import EXIT_CHECKPOINTED_FOR_REQUEUE, StopRequest
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. too many consecutive non-finite steps)."""
 
 
 @dataclass
@@ -228,10 +226,8 @@ class Trainer:
         try:
             if self.dist.is_main:
                 self.config_file().write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-            if self.dist.distributed:
-                self.log.message(f"{self.dist.world_size} ranks: {self.dims.describe()}")
-            if resumed_from is not None:
-                self.log.message(f"resumed from {resumed_from} at step {self.step}")
+            for line in run_banner(config, self.dims, self.data.paths, resumed_from, self.step):
+                self.log.message(line)
             self.train_iter = iter(self.train_loader)
             window = {"tokens": 0, "time": 0.0, "data": 0.0}
             while self.step < config.train.max_steps:

@@ -9,6 +9,15 @@ import pytest
 
 from data.corpus import write_bible_jsonl
 from data.train_tokenizer import train_sentencepiece
+from pretrain.builtin_data import prepare_builtin_corpus
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    """A ``PRETRAIN_CACHE`` with the built-in corpus and tokenizer prepared, once per session."""
+    root = tmp_path_factory.mktemp("pretrain-cache")
+    prepare_builtin_corpus(root, log=lambda message: None)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,8 @@ SCHEDULES = {
 
 def stage_layer_counts(n_layers: int, n_stages: int, explicit: list[int] | None = None) -> list[int]:
     """Blocks per stage: ``explicit`` when given, else an even split whose remainder goes to the
-    middle stages first (the first and last stages also carry the embedding and the head+loss)."""
+    middle stages first (the first and last stages also carry the embedding and the head+loss);
+    of two stages equally near the middle, the earlier one gets its extra block first."""
     if explicit:
         return list(explicit)
     base, extra = divmod(n_layers, n_stages)

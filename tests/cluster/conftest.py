@@ -1,22 +1,14 @@
-"""Fixtures of the launch tests: a prepared built-in corpus and a torchrun reference run."""
+"""Fixtures of the launch tests: a torchrun reference run (the built-in corpus is tests/conftest.py's
+``cache``)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from pretrain.builtin_data import prepare_builtin_corpus
 from tests.cluster.common import RUN, STEPS, clean_env, losses
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pretrain-cache")
-    prepare_builtin_corpus(root, log=lambda message: None)
-    return root
 
 
 @pytest.fixture(scope="session")

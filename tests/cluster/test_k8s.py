@@ -7,16 +7,18 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import yaml
 
 from tests.cluster.common import REPO, SHARED, tool
 
-jsonschema = pytest.importorskip("jsonschema")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+import jsonschema  # test dependencies: missing means a broken install, which must fail
+import kubernetes_validate
 
 SCHEMAS = SHARED / "k8s-schemas"
 K8S_VERSION = "1.32.0"
@@ -30,7 +32,11 @@ spec.loader.exec_module(render_module)
 @pytest.fixture(scope="module")
 def validators() -> dict:
     if not SCHEMAS.is_dir():
-        pytest.skip(f"no custom resource schemas at {SCHEMAS} (CI provides ../shared beside the checkout)")
+        message = f"no custom resource schemas at {SCHEMAS}: the CRD checks did not run (CI provides ../shared)"
+        if os.environ.get("PRETRAIN_REQUIRE_SHARED") == "1":
+            pytest.fail(message, pytrace=False)
+        warnings.warn(message)
+        pytest.skip(message)
     out = {}
     for path in SCHEMAS.glob("*.json"):
         schema = json.loads(path.read_text())
@@ -143,8 +149,7 @@ def test_the_command_line_renders_yaml(validators):
 def test_check_jsonschema_rejects_a_misspelt_pytorchjob(validators, tmp_path):
     """The same strictness through the check-jsonschema command line (single-document files)."""
     check = tool("check-jsonschema")
-    if check is None:
-        pytest.skip("check-jsonschema missing (pip install check-jsonschema)")
+    assert check is not None, "check-jsonschema is a test dependency: pip install -e '.[test]'"
     schema = SCHEMAS / "kubeflow.org_pytorchjob_v1.json"
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(render_module.render("pytorchjob")[0]))

@@ -17,9 +17,9 @@ from tests.cluster.common import LONG, RUN, clean_env, kill_rank, losses, wait_f
 pytestmark = [
     pytest.mark.skipif(shutil.which("mpirun") is None,
                        reason="mpirun missing (apt-get install openmpi-bin libopenmpi-dev; CI installs it)"),
-    pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None,
-                       reason="mpi4py missing (pip install mpi4py: a test dependency)"),
 ]
+if importlib.util.find_spec("mpi4py") is None:
+    pytest.fail("mpi4py is a test dependency: pip install -e '.[test]'", pytrace=False)
 
 
 def mpirun(np: int, run_dir, *overrides: str) -> list[str]:

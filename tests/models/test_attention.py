@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from models.attention.backends import BACKENDS, get_backend, math_attention
+from models.attention.backends import BACKENDS, get_backend
 from models.attention.layer import AttentionConfig
 from models.attention.spec import AttentionSpec, AttentionSpecError, dense_mask
 from models.decoder.config import DecoderConfig

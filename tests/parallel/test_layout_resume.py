@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-from pretrain.builtin_data import prepare_builtin_corpus
 from pretrain.config import load_config
 from pretrain.distributed import DistInfo
 from pretrain.export import export_safetensors
@@ -53,9 +52,7 @@ def checkpoint(run_dir: Path, step: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    prepare_builtin_corpus(cache, log=lambda message: None)
+def runs(cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
 
     def run(name: str, world: int, *overrides: str) -> Path:

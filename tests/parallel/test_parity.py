@@ -95,4 +95,6 @@ def test_layout_matches_one_process(world, name, reference, launched):
 
 @pytest.mark.parametrize("world, name", TIED_CASES, ids=[name for _, name in TIED_CASES])
 def test_tied_embeddings_match_one_process(world, name, tied_reference, launched):
-    check(launched(world)[0][name], tied_reference)
+    per_rank = [result[name] for result in launched(world)]
+    assert all(history == per_rank[0] for history in per_rank), "ranks disagree on the reported loss"
+    check(per_rank[0], tied_reference)

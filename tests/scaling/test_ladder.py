@@ -10,7 +10,6 @@ import torch
 
 from models.attention.layer import AttentionConfig
 from models.counting import param_counts
-from models.decoder.config import DecoderConfig
 from models.ffn.swiglu import SwiGLUConfig
 from models.spec import build_model
 from pretrain.config import load_config
@@ -27,6 +26,20 @@ SETTINGS = [
 TARGETS = {0: [3e5, 1e6, 4e6, 2e7], 1: [3e7, 1.5e8, 7e8], 2: [1e9, 3e9, 13e9]}
 
 
+def _formula_non_embedding(d: int, layers: int, d_ff: int, s: LadderSettings) -> int:
+    """Non-embedding parameters of a Llama-style decoder, written out: per block q and o
+    (d × heads·head_dim each), k and v (d × kv_heads·head_dim each), SwiGLU (3·d·d_ff) and two
+    RMSNorm gains; then the final norm and an untied head."""
+    heads = d // s.head_dim
+    kv_heads = heads // s.kv_ratio
+    block = 2 * d * heads * s.head_dim + 2 * d * kv_heads * s.head_dim + 3 * d * d_ff + 2 * d
+    return layers * block + d + (0 if s.tie_embeddings else s.vocab_size * d)
+
+
+def _ffn_width(d: int, s: LadderSettings) -> int:
+    return math.ceil(s.ffn_ratio * d / (s.ffn_multiple * s.tp)) * s.ffn_multiple * s.tp
+
+
 def _nearest_error(target: float, s: LadderSettings) -> float:
     """|ln(N/target)| of the best shape allowed at all, by brute force over depth and width."""
     unit, best = s.head_dim * s.kv_ratio * s.tp, math.inf
@@ -34,11 +47,7 @@ def _nearest_error(target: float, s: LadderSettings) -> float:
         for d in range(unit, int(s.aspect_range[1] * layers) + 1, unit):
             if d / layers < s.aspect_range[0]:
                 continue
-            ff = math.ceil(s.ffn_ratio * d / (s.ffn_multiple * s.tp)) * s.ffn_multiple * s.tp
-            c = DecoderConfig(vocab_size=s.vocab_size, d_model=d, n_layers=layers,
-                              mixer=AttentionConfig(n_heads=d // s.head_dim, n_kv_heads=d // s.head_dim // s.kv_ratio),
-                              ffn=SwiGLUConfig(d_ff=ff))
-            n = param_counts(c).non_embedding
+            n = _formula_non_embedding(d, layers, _ffn_width(d, s), s)
             best = min(best, abs(math.log(n / target)))
             if n > 2 * target:
                 break
@@ -59,6 +68,7 @@ def test_shapes_satisfy_the_invariants(index):
         assert ffn.d_ff % (s.ffn_multiple * s.tp) == 0 and ffn.d_ff >= s.ffn_ratio * c.d_model
         assert s.aspect_range[0] <= c.d_model / c.n_layers <= s.aspect_range[1]
         n = param_counts(c).non_embedding
+        assert n == _formula_non_embedding(c.d_model, c.n_layers, ffn.d_ff, s)
         nearest = _nearest_error(target, s)
         assert abs(math.log(n / target)) <= max(math.log1p(s.size_tolerance), nearest) + 1e-12, (target, n, c)
         within += abs(n / target - 1) <= s.size_tolerance

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.builtin_data import prepare_builtin_corpus
 from pretrain.config import load_config
 from pretrain.distributed import DistInfo
 from pretrain.signals import EXIT_CHECKPOINTED_FOR_REQUEUE
@@ -28,13 +27,6 @@ SMALL = [
     "train.global_batch=8", "train.micro_batch=4", "train.eval_interval=4", "train.eval_batches=2",
     "schedule.warmup_steps=2", "logging.interval=1", "optim.lr=1e-2",
 ]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pretrain-cache")
-    prepare_builtin_corpus(root, log=lambda message: None)
-    return root
 
 
 def env_for(cache: Path) -> dict:
@@ -96,7 +88,9 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def test_sigkill_then_resume_is_bit_exact(cache, reference_run, tmp_path):
-    kill_after = random.Random().randint(4, 10)
+    seed = int(os.environ.get("KILL_SEED", random.SystemRandom().randrange(1 << 30)))
+    kill_after = random.Random(seed).randint(4, 10)
+    print(f"kill point seed: KILL_SEED={seed} (kill after step {kill_after})")
     env = env_for(cache)
     command = train_command(tmp_path, "train.max_steps=12", "checkpoint.interval=3")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -106,7 +100,7 @@ def test_sigkill_then_resume_is_bit_exact(cache, reference_run, tmp_path):
     resumed = subprocess.run(command, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout
-    assert losses(tmp_path) == losses(reference_run), f"killed after step {kill_after}"
+    assert losses(tmp_path) == losses(reference_run), f"killed after step {kill_after} (KILL_SEED={seed})"
     assert losses(tmp_path, "valid_loss") == losses(reference_run, "valid_loss")
 
 
@@ -168,17 +162,19 @@ def test_non_finite_steps_are_skipped_then_stop(cache, tmp_path):
     trainer = small_trainer(cache, tmp_path, "train.max_steps=10", "train.max_bad_steps=3")
     trainer.log = type("Quiet", (), {"message": lambda self, text: None})()
     trainer.train_iter = iter(trainer.train_loader)
+    assert not trainer.train_step().skipped  # a finite step first, so the optimizer has state
     with torch.no_grad():
         trainer.model.norm.weight.fill_(float("nan"))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizer.state.items()}
+    assert moments
     for attempt in range(2):
         result = trainer.train_step()
         assert result.skipped
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
-    assert trainer.optimizer.state == {} or all(
-        not torch.isnan(s["exp_avg"]).any() for s in trainer.optimizer.state.values()
-    )
+    for p, state in trainer.optimizer.state.items():  # a skipped step leaves Adam's moments alone
+        assert all(torch.equal(v, moments[id(p)][k]) for k, v in state.items())
     with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite loss"):
         trainer.train_step()
 
@@ -193,7 +189,7 @@ def test_non_finite_steps_are_skipped_then_stop(cache, tmp_path):
         (["model.vocab_size=1000"], "model.vocab_size is 1000; set model.vocab_size >= 4096"),
         (["model.mixer.n_heads=3"], "model.mixer.n_heads"),
         (["model.n_heads=4"], "'model.n_heads' has moved: it is now 'model.mixer.n_heads'"),
-        (["train.max_steps=100000"], "Set allow_repeat=True"),
+        (["train.max_steps=100000"], "Set data.allow_repeat=true"),
     ],
 )
 def test_bad_configs_fail_with_one_clear_line(cache, tmp_path, monkeypatch, capsys, overrides, message):
@@ -205,6 +201,39 @@ def test_bad_configs_fail_with_one_clear_line(cache, tmp_path, monkeypatch, caps
     assert code == 2, err
     assert err.startswith("error: ") and "Traceback" not in err
     assert message in err, err
+
+
+def test_the_banner_states_the_run(cache, tmp_path):
+    """Every number in the banner against its source: the built model, the shard manifest, the
+    batch arithmetic."""
+    from pretrain.banner import run_banner
+
+    trainer = small_trainer(cache, tmp_path, "train.max_steps=10")
+    lines = run_banner(trainer.config, trainer.dims, trainer.data.paths, None, 0)
+    text = "\n".join(lines)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    embedding = trainer.model.embed.weight.numel()
+    assert f"decoder, 2 blocks: {total / 1e6:,.2f}M parameters" in text, text
+    assert f"{embedding / 1e6:,.2f}M embedding" in text, text
+    assert "8 sequences x 64 tokens = 512 tokens per step (micro-batch 4 per rank, 2 accumulation" in text, text
+    assert "10 steps = 5,120 tokens" in text, text
+    (shards,) = trainer.data.paths
+    manifest = json.loads((Path(shards) / "manifest.json").read_text())
+    assert f"data    {shards} ({manifest['tokens']:,} tokens)" in lines, lines
+    assert lines[-1] == "resume  none: from step 0"
+
+
+def test_diverging_run_stops_with_one_error_line_and_status_3(cache, tmp_path, monkeypatch, capsys):
+    """A learning rate of 1e30 makes every loss after the first update NaN."""
+    from pretrain.cli import main
+
+    monkeypatch.setenv("PRETRAIN_CACHE", str(cache))
+    code = main(["train", *SMALL, f"run.dir={tmp_path}", "train.max_steps=20", "train.eval_interval=0",
+                 "optim.lr=1e30", "schedule.warmup_steps=1", "train.max_bad_steps=2"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert err.startswith("error: 2 consecutive steps had a non-finite loss") and "Traceback" not in err
+    assert err.count("\n") == 1, err
 
 
 def test_generate_and_export_from_the_trained_run(reference_run, tmp_path):

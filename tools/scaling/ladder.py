@@ -100,8 +100,19 @@ def model_config(d_model: int, n_layers: int, s: LadderSettings) -> DecoderConfi
     return config
 
 
+_PER_WIDTH: dict[tuple[int, str], tuple[int, int]] = {}
+
+
 def _non_embedding(d_model: int, n_layers: int, s: LadderSettings) -> int:
-    return param_counts(model_config(d_model, n_layers, s)).non_embedding
+    """Counted from the modules of one- and two-block models of this width: every block of a
+    ladder shape is the same, so the count is linear in depth (the search asks thousands of
+    shapes; building each at full depth took minutes)."""
+    key = (d_model, repr(s))
+    if key not in _PER_WIDTH:
+        one, two = (param_counts(model_config(d_model, n, s)).non_embedding for n in (1, 2))
+        _PER_WIDTH[key] = (one, two - one)
+    one, per_block = _PER_WIDTH[key]
+    return one + (n_layers - 1) * per_block
 
 
 def shape_for_params(target: float, s: LadderSettings) -> DecoderConfig:
