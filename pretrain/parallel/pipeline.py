@@ -110,7 +110,12 @@ def split_stage(model: nn.Module, stage: int, block_counts: list[int]) -> nn.Mod
 
 
 def _to_local(value):
-    return value.to_local() if isinstance(value, DTensor) else value
+    """The local shard, as a tensor of its own: ``to_local`` returns a view, and the zero-bubble
+    schedules free a stage's outputs with an in-place ``detach_``, which views refuse."""
+    if not isinstance(value, DTensor):
+        return value
+    local = value.to_local()
+    return local.clone() if local._is_view() else local
 
 
 def shard_boundaries(part: nn.Module, tp_mesh: DeviceMesh, first: bool, last: bool) -> None:

@@ -15,6 +15,13 @@ from tests.parallel.launch import run_ranks
 from tests.parallel.workloads import TINY, reference_run, train_layouts
 
 STEPS = 5
+SCHEDULES = {
+    "gpipe": dict(pp_schedule="gpipe"),
+    "1f1b": dict(pp_schedule="1f1b"),
+    "interleaved_1f1b": dict(pp_schedule="interleaved_1f1b", virtual_stages=2),
+    "interleaved_zb": dict(pp_schedule="interleaved_zb", virtual_stages=2),
+    "zbv": dict(pp_schedule="zbv", virtual_stages=2),
+}
 # name: (ParallelConfig fields, micro-batch); every layout accumulates >= 2 micro-batches per step.
 LAYOUTS = {
     2: {
@@ -33,6 +40,9 @@ LAYOUTS = {
         "tp2_fsdp2": (dict(tp=2), 2),
         "pp2_tp2": (dict(pp=2, tp=2), 2),
         "replicate2_tp2": (dict(dp_replicate=2, dp_shard=1, tp=2), 2),  # FSDP2 replicating: DDP holds no DTensors
+        # Every pipeline schedule with TP2 + SP and with FSDP2 (zero-bubble splits the backward).
+        **{f"pp2_tp2_sp_{name}": (dict(pp=2, tp=2, sp=True, **schedule), 1) for name, schedule in SCHEDULES.items()},
+        **{f"pp2_fsdp2_{name}": (dict(pp=2, dp_shard=2, **schedule), 1) for name, schedule in SCHEDULES.items()},
     },
     8: {"pp2_fsdp2_tp2": (dict(pp=2, tp=2, dp_shard=2), 1)},
 }
