@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from data.indexed import fsync_path
+from pretrain.checkpoint_integrity import damage, inventory
 from pretrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -263,10 +264,18 @@ class CheckpointManager:
                         "or checkpoint.resume=auto to continue"
                     )
                 return None
-            path = self.latest() if resume == "auto" else Path(resume)
-            if path is not None and not is_complete(path):
+            if resume == "auto":
+                return self._newest_intact()
+            path = Path(resume)
+            if not is_complete(path):
                 raise CheckpointError(f"checkpoint.resume={resume}: {path} is not a complete checkpoint")
-            return None if path is None else str(path)
+            problem = damage(path, read_marker(path))
+            if problem:
+                raise CheckpointError(
+                    f"checkpoint.resume={resume} is damaged: {problem}; name another checkpoint, or set "
+                    "checkpoint.resume=auto to fall back to the newest intact one"
+                )
+            return str(path)
 
         chosen = self._on_rank0(decide, quote_rank=False)
         if chosen is None:
@@ -282,6 +291,25 @@ class CheckpointManager:
                     f"{self.root} must be on a filesystem every node shares"
                 )
         return Path(chosen)
+
+    def _newest_intact(self) -> str | None:
+        """The latest checkpoint, or, when it is damaged, the newest intact one before it (with a
+        warning naming what was wrong); an error when every checkpoint is damaged."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        candidates = [latest] + [p for p in reversed(self.checkpoints()) if p != latest]
+        found = []
+        for path in candidates:
+            problem = damage(path, read_marker(path))
+            if problem is None:
+                return str(path)
+            found.append(f"{path.name}: {problem}")
+            log.warning("checkpoint %s is damaged (%s); trying the previous complete checkpoint", path, problem)
+        raise CheckpointError(
+            f"every checkpoint under {self.root} is damaged ({'; '.join(found)}); restore one, or start "
+            "again in a new run.dir"
+        )
 
     def resume(
         self, model: ModelParts, optimizer: Optimizers = None, **load_kwargs: Any
@@ -355,6 +383,7 @@ class CheckpointManager:
             "world_size": world,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "torch": torch.__version__,
+            "files": inventory(tmp, exclude=(MARKER,)),
         }
         _write_durable(tmp / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
         fsync_path(tmp)

@@ -73,7 +73,8 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     """``resume``: ``auto`` continues from the run directory's latest complete checkpoint when
-    there is one; ``none`` starts fresh (refusing to overwrite an existing run's checkpoints);
+    there is one (when its files differ from what was written, from the newest intact one before
+    it, with a warning; an error when none is intact); ``none`` starts fresh (refusing to overwrite an existing run's checkpoints);
     a path resumes from that checkpoint."""
 
     interval: int = 500

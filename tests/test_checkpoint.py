@@ -196,6 +196,50 @@ def test_latest_falls_back_when_pointer_is_stale_or_corrupt(tmp_path):
     assert mgr.latest() == tmp_path / "step_00000001"
 
 
+def _shard(directory: Path) -> Path:
+    return sorted(directory.glob("*.distcp"))[0]
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "deleted shard": (lambda d: _shard(d).unlink(), "is missing"),
+    "truncated shard": (lambda d: _shard(d).write_bytes(_shard(d).read_bytes()[:100]), "bytes but"),
+    "empty metadata": (lambda d: (d / ".metadata").write_bytes(b""), ".metadata has 0 bytes"),
+    "truncated metadata": (lambda d: (d / ".metadata").write_bytes((d / ".metadata").read_bytes()[:10]), ".metadata has 10"),
+    "flipped bytes": (lambda d: _flip_middle_byte(_shard(d)), "does not match the SHA-256"),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_checkpoint_is_found_before_loading(tmp_path, caplog, kind):
+    """auto falls back to the newest intact checkpoint with a warning naming the damage; a named
+    damaged checkpoint is one clear error; when none is intact, an error (never a fresh start)."""
+    damage_fn, words = DAMAGE[kind]
+    model, opt, sched = make()
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    mgr.save(1, model, opt, {"step": 1})
+    train(model, opt, sched, 2, seed=3)
+    mgr.save(2, model, opt, {"step": 2})
+    damage_fn(tmp_path / "step_00000002")
+
+    with caplog.at_level("WARNING", logger="pretrain.checkpoint"):
+        chosen = mgr.choose("auto")
+    assert chosen == tmp_path / "step_00000001"
+    assert "step_00000002" in caplog.text and words in caplog.text, caplog.text
+    fresh, fresh_opt, _ = make(seed=5)
+    assert mgr.load(chosen, fresh, fresh_opt) == {"step": 1}
+    with pytest.raises(CheckpointError, match=f"is damaged: .*{words}"):
+        mgr.choose(str(tmp_path / "step_00000002"))
+    _flip_middle_byte(_shard(tmp_path / "step_00000001"))
+    with pytest.raises(CheckpointError, match="every checkpoint under .* is damaged"):
+        mgr.choose("auto")
+
+
 def test_extra_state_that_cannot_be_loaded_back_is_refused_at_save(tmp_path):
     model, opt, _ = make()
     mgr = CheckpointManager(tmp_path)
