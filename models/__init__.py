@@ -1,9 +1,6 @@
 """Model architectures as plain ``nn.Module``s, organised as families and kinds (models/spec.py).
 
-Importing ``models`` registers the built-ins: the ``attention`` mixer, the ``swiglu`` FFN and the
-``decoder`` family.
+The built-ins (the ``attention`` mixer, the ``swiglu`` FFN, the ``decoder`` family) register
+themselves when models/spec.py is first imported; importing ``models`` alone loads no torch, so
+torch-free tools (``models.configtree``) stay fast to import.
 """
-
-import models.attention.layer  # noqa: F401
-import models.decoder  # noqa: F401
-import models.ffn.swiglu  # noqa: F401

@@ -37,8 +37,9 @@ class ModelConfig(Tagged):
 
     @classmethod
     def variants(cls) -> dict[str, type]:
-        from models.spec import FAMILIES
+        from models.spec import FAMILIES, load_builtins
 
+        load_builtins()
         return {name: spec.config for name, spec in FAMILIES.items()}
 
     @classmethod
@@ -77,8 +78,9 @@ class MixerConfig(Tagged):
 
     @classmethod
     def variants(cls) -> dict[str, type]:
-        from models.spec import MIXERS
+        from models.spec import MIXERS, load_builtins
 
+        load_builtins()
         return {name: kind.config for name, kind in MIXERS.items()}
 
     def problems(self, prefix: str, d_model: int) -> list[str]:
@@ -93,8 +95,9 @@ class FFNConfig(Tagged):
 
     @classmethod
     def variants(cls) -> dict[str, type]:
-        from models.spec import FFNS
+        from models.spec import FFNS, load_builtins
 
+        load_builtins()
         return {name: kind.config for name, kind in FFNS.items()}
 
     def problems(self, prefix: str, d_model: int) -> list[str]:

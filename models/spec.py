@@ -143,6 +143,7 @@ def registered(
 
 def get_spec(config_or_name) -> ModelSpec:
     """The spec of a family, by name or by (a config of) that family."""
+    load_builtins()
     name = config_or_name if isinstance(config_or_name, str) else config_or_name.family
     if name not in FAMILIES:
         raise ValueError(f"model family {name!r} is unknown; choose one of {sorted(FAMILIES)}")
@@ -163,16 +164,19 @@ def build_model(config) -> nn.Module:
 
 
 def build_mixer(config, d_model: int, layer_id: int) -> nn.Module:
+    load_builtins()
     return MIXERS[config.kind].build(config, d_model, layer_id)
 
 
 def build_ffn(config, d_model: int, layer_id: int) -> nn.Module:
+    load_builtins()
     return FFNS[config.kind].build(config, d_model, layer_id)
 
 
 def hf_adapter(config=None, architecture: str | None = None):
     """The Hugging Face adapter for our ``config`` (the first of its family's adapters that can
     hold it), or the one for a transformers ``architecture`` name."""
+    load_builtins()
     if architecture is not None:
         for spec in FAMILIES.values():
             for adapter in spec.hf:
@@ -187,3 +191,10 @@ def hf_adapter(config=None, architecture: str | None = None):
             return adapter
         refusals.append(f"{adapter.architecture}: {problem}")
     raise ValueError(f"no Hugging Face class holds this {config.family} config ({'; '.join(refusals) or 'none known'})")
+
+
+
+def load_builtins() -> None:
+    """Register the built-in families and kinds (models/builtins.py). Called by every lookup;
+    not imported at module level because the built-ins import this module."""
+    import models.builtins  # noqa: F401

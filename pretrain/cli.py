@@ -21,13 +21,14 @@ from data.indexed import IndexedFormatError
 from data.preprocess import PreprocessError
 from data.readers import InputError
 from data.tokenizer import TokenizerError
-from pretrain.errors import CheckpointError, TrainingError
+from pretrain.errors import CheckpointError, ReportError, TrainingError
 from pretrain.commands import add_run_commands
 from models.configtree import ConfigError
 from tools.scaling.cli import add_scaling_commands
 
 USER_ERRORS = (
     IndexedFormatError, InputError, TokenizerError, PreprocessError, DataError, ConfigError, CheckpointError,
+    ReportError,
 )
 
 

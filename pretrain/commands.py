@@ -30,6 +30,15 @@ def add_run_commands(commands) -> None:
     export.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"))
     export.set_defaults(run=_export)
 
+    report = commands.add_parser(
+        "report", help="plots and a markdown summary of one or more runs (from their metrics.jsonl)",
+        description="Plot training/validation loss, learning rate, gradient norm, throughput, MFU, data wait and "
+        "every other logged metric, several runs on the same axes, and write summary.md.",
+    )
+    report.add_argument("run_dirs", nargs="+", help="run directories (each holding metrics.jsonl)")
+    report.add_argument("--output", default=None, help="default: RUN_DIR/report of the first run")
+    report.set_defaults(run=_report)
+
 
 def _train(args) -> int:
     from pretrain.config import load_config
@@ -42,6 +51,17 @@ def _generate(args) -> int:
     from pretrain.generation import generate_main
 
     return generate_main(args)
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from pretrain.report import write_report
+
+    output = Path(args.output) if args.output else Path(args.run_dirs[0]) / "report"
+    written = write_report([Path(d) for d in args.run_dirs], output)
+    print(f"wrote {len(written)} files to {output}: {', '.join(p.name for p in written)}")
+    return 0
 
 
 def _export(args) -> int:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Literal
 
 from data.loader import DataConfig
-import models  # noqa: F401  (registers the built-in families and kinds)
 from models.config import ModelConfig
 from models.configtree import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from models.decoder.config import DecoderConfig

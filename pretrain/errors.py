@@ -6,5 +6,9 @@ class CheckpointError(Exception):
     """A checkpoint is missing, incomplete, or does not fit what is asked of it."""
 
 
+class ReportError(ValueError):
+    """A run directory without metrics to report."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. too many consecutive non-finite steps): exit status 3."""

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import TokenizerError, load_tokenizer
-import models  # noqa: F401  (registers the built-in families and kinds)
 from models.config import ModelConfig
 from models.generate import generate
 from models.spec import build_model

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -79,7 +80,7 @@ class MetricsLogger:
     def log(self, metrics: dict) -> None:
         if not self.is_main:
             return
-        self._jsonl.write(json.dumps(metrics) + "\n")
+        self._jsonl.write(json.dumps({**metrics, "time": time.time()}) + "\n")
         if self._bar is not None:
             self._bar.n = metrics["step"]
             self._bar.set_postfix_str(format_metrics(metrics).split(" | ", 1)[-1], refresh=True)

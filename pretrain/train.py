@@ -36,6 +36,7 @@ from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel.mesh import ParallelDims, build_mesh
 from pretrain.parallel.parallelize import build_parts
 from pretrain.parallel.runtime import ParallelRunner
+from pretrain.report import write_report
 from pretrain.signals import EXIT_CHECKPOINTED_FOR_REQUEUE, StopRequest
 
 
@@ -253,8 +254,10 @@ class Trainer:
             if self.saved_step != self.step:
                 self.save()
             run_dir = self.run_dir.resolve()
+            if self.dist.is_main:  # metrics.jsonl is line-buffered: complete on disk
+                write_report([run_dir], run_dir / "report")
             self.log.message(
-                f"done: {self.step} steps. Run directory {run_dir}: metrics.jsonl, config.yaml, "
+                f"done: {self.step} steps. Run directory {run_dir}: metrics.jsonl, report/, config.yaml, "
                 f"checkpoints/ (latest: {self.checkpoints.latest()}). Sample from it with:\n"
                 f"  pretrain generate --checkpoint {run_dir / 'checkpoints'} --prompt \"And God said\""
             )

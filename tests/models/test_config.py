@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import models  # noqa: F401
 from models.attention.layer import AttentionConfig
 from models.config import LayerOverride, ModelConfig
 from models.configtree import ConfigError, load_yaml

@@ -11,7 +11,6 @@ import dataclasses
 
 import torch
 
-import models  # noqa: F401
 from models.attention.layer import AttentionConfig
 from models.decoder.config import DecoderConfig
 from models.ffn.swiglu import SwiGLUConfig

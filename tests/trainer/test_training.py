@@ -76,6 +76,36 @@ def test_loss_falls_and_outputs_exist(reference_run):
     assert record["mfu"] is None  # CPU: TFLOP/s only
 
 
+def test_the_run_writes_a_report_whose_numbers_are_its_metrics(reference_run, tmp_path, capsys):
+    """The report written at the end of the run, and `pretrain report` over two runs, against
+    metrics.jsonl read here."""
+    from pretrain.cli import main
+
+    records = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    valid = [r for r in records if "valid_loss" in r]
+    report = reference_run / "report"
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s", "data_wait_s", "ce_loss"):
+        assert (report / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    row = (report / "summary.md").read_text().splitlines()[-1].split(" | ")
+    mean_tokens = sum(r["tokens_per_s"] for r in train) / len(train)
+    wall = max(r["time"] for r in records) - min(r["time"] for r in records)
+    assert row[1:5] == ["12", f"{train[-1]['loss']:.4f}", f"{valid[-1]['valid_loss']:.4f}", f"{mean_tokens:,.0f}"]
+    assert row[5] == "—" and float(row[6]) == pytest.approx(wall, abs=0.051)
+    assert row[7].rstrip(" |").split(", ") == sorted(
+        p.name for p in (reference_run / "checkpoints").iterdir() if p.name.startswith("step_")
+    )
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("\n".join(json.dumps({**r, "loss": 1.0}) for r in train) + "\n")
+    assert main(["report", str(reference_run), str(other), "--output", str(tmp_path / "both")]) == 0
+    rows = (tmp_path / "both" / "summary.md").read_text().splitlines()[4:]
+    assert [r.split(" | ")[2] for r in rows] == [f"{train[-1]['loss']:.4f}", "1.0000"]
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -1,0 +1,6 @@
+"""The built-in families and kinds; importing this module registers them (models/spec.py
+imports it on the first lookup)."""
+
+import models.attention.layer  # noqa: F401
+import models.decoder  # noqa: F401
+import models.ffn.swiglu  # noqa: F401
