@@ -50,8 +50,15 @@ def _sum_allreduce_hook(group, bucket):
 
 
 def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> DistributedDataParallel:
-    """Replicate ``model`` over ``dp_mesh`` (1-D) with DDP, summing gradients."""
+    """Replicate ``model`` over ``dp_mesh`` (1-D) with DDP, summing gradients.
+
+    ``find_unused_parameters=True`` keeps the gradient buckets fixed: otherwise DDP rebuilds them
+    after its first iteration, and since bucket boundaries set the all-reduce's summation order,
+    a resumed run (whose first step uses the initial buckets) drifted from the uninterrupted one
+    by ~1e-7 (measured with 4 ranks; tests/parallel/test_layout_resume.py). It also lets modules
+    leave parameters unused in a step (experts that receive no tokens). The cost is one walk of
+    the autograd graph per step, and torch warns once per rank that nothing was unused."""
     group = dp_mesh.get_group()
-    wrapped = DistributedDataParallel(model, process_group=group)
+    wrapped = DistributedDataParallel(model, process_group=group, find_unused_parameters=True)
     wrapped.register_comm_hook(group, _sum_allreduce_hook)
     return wrapped

@@ -71,7 +71,15 @@ def runs(cache, tmp_path_factory):
     # Resume from step 4 of each, in a new run directory, under another layout.
     fsdp2 = run("tp2_to_fsdp2", 2, f"checkpoint.resume={checkpoint(tp2, 4)}")
     one = run("pp2_tp2_to_one", 1, f"checkpoint.resume={checkpoint(pp2_tp2, 4)}")
-    dirs = {"single": single, "tp2": tp2, "pp2_tp2": pp2_tp2, "tp2_to_fsdp2": fsdp2, "pp2_tp2_to_one": one}
+    # DDP over 4 ranks resumed under the same layout: bit-exact only if the gradient buckets (whose
+    # boundaries set the ring all-reduce's summation order) are the same before and after resume.
+    # The tiny preset's width (10M parameters, 40 MB of gradients): several 25 MB buckets.
+    ddp = ["parallel.dp_replicate=4", "parallel.dp_shard=1", "train.micro_batch=1", "model.d_model=256",
+           "model.n_layers=8", "model.mixer.n_heads=8", "model.mixer.n_kv_heads=4", "model.ffn.d_ff=1024"]
+    ddp4 = run("ddp4", 4, *ddp)
+    ddp4_resumed = run("ddp4_resumed", 4, *ddp, f"checkpoint.resume={checkpoint(ddp4, 4)}")
+    dirs = {"single": single, "tp2": tp2, "pp2_tp2": pp2_tp2, "tp2_to_fsdp2": fsdp2, "pp2_tp2_to_one": one,
+            "ddp4": ddp4, "ddp4_resumed": ddp4_resumed}
     return {"dirs": dirs, "weights": final_weights, "loaders": loaders}
 
 
@@ -93,6 +101,12 @@ def test_resumed_under_another_layout_continues(runs, name, saved_by):
     assert sorted(resumed) == [5, 6, 7, 8], "the run continues at step 5"
     for step in resumed:
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
+
+
+def test_ddp_resumed_under_the_same_layout_is_bit_exact(runs):
+    uninterrupted, resumed = losses(runs["dirs"]["ddp4"]), losses(runs["dirs"]["ddp4_resumed"])
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert {step: uninterrupted[step] for step in resumed} == resumed
 
 
 def test_data_parallel_degree_changed_and_the_stream_followed(runs):
