@@ -82,10 +82,10 @@ def forward_flops_per_token(model: nn.Module, seq_len: int) -> int:
     return total
 
 
-_CACHE: dict[str, tuple[ParamCounts, dict[int, int]]] = {}
+_CACHE: dict[str, tuple[ParamCounts, dict[tuple, int]]] = {}
 
 
-def _cached(config) -> tuple[ParamCounts, dict[int, int]]:
+def _cached(config) -> tuple[ParamCounts, dict[tuple, int]]:
     key = repr(config)
     if key not in _CACHE:
         _CACHE[key] = (count_params(build_meta(config)), {})
@@ -96,12 +96,20 @@ def param_counts(config) -> ParamCounts:
     return _cached(config)[0]
 
 
-def training_flops_per_token(config, seq_len: int) -> int:
-    """Training (forward + backward) FLOPs per token at sequence length ``seq_len``."""
+def training_flops_per_token(config, seq_len: int, setting=None) -> int:
+    """Training (forward + backward) FLOPs per token at sequence length ``seq_len``; with a
+    training pass's ``setting`` (models/passes.py), of the model run in that pass (a MatFormer
+    at one of its widths)."""
     by_len = _cached(config)[1]
-    if seq_len not in by_len:
-        by_len[seq_len] = 3 * forward_flops_per_token(build_meta(config), seq_len)
-    return by_len[seq_len]
+    key = (seq_len, repr(setting))
+    if key not in by_len:
+        model = build_meta(config)
+        if setting is not None:
+            from models.passes import select_pass
+
+            select_pass([model], setting)
+        by_len[key] = 3 * forward_flops_per_token(model, seq_len)
+    return by_len[key]
 
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, matched by substring of the device name,

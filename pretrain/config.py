@@ -19,6 +19,7 @@ from data.loader import DataConfig
 from models.config import ModelConfig
 from models.configtree import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from models.decoder.config import DecoderConfig
+from models.passes import eval_passes
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimConfig, ScheduleConfig
 from pretrain.parallel.config import ParallelConfig
@@ -143,6 +144,11 @@ def validate(config: Config, world_size: int | None = None) -> None:
     ConfigError listing every problem."""
     errors: list[str] = []
     errors.extend(config.model.problems())
+    if not errors:
+        try:
+            eval_passes(config.model)
+        except ValueError as e:
+            errors.append(f"model: {e}")
     errors.extend(validate_data(config.data))
     for section in (config.optim, config.schedule, config.train, config.checkpoint, config.logging):
         errors.extend(section.validate())

@@ -114,16 +114,17 @@ def write_report(run_dirs: list[Path], output: Path) -> list[Path]:
         for run_dir, (train, valid) in runs.items():
             points = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
             if points:
-                ax.plot(*zip(*points), label=f"{run_dir.name} train" if key == "loss" else run_dir.name)
-            if key == "loss" and valid:
-                ax.plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], "o--",
-                        label=f"{run_dir.name} validation")
+                ax.plot(*zip(*points), label=f"{run_dir.name} train" if key.split("/")[0] == "loss" else run_dir.name)
+            valid_key = f"valid_{key}"  # loss → valid_loss; loss/<pass> → valid_loss/<pass>
+            if key.split("/")[0] == "loss" and any(valid_key in r for r in valid):
+                ax.plot([r["step"] for r in valid if valid_key in r], [r[valid_key] for r in valid if valid_key in r],
+                        "o--", label=f"{run_dir.name} validation")
         ax.set_xlabel("step")
         ax.set_title(KNOWN.get(key, key))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = output / f"{key}.png"
+        path = output / f"{key.replace('/', '--')}.png"  # per-pass and per-module metrics hold '/'
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)

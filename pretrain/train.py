@@ -25,6 +25,7 @@ import yaml
 
 from data.loader import build_loader
 from models.counting import mfu, training_flops_per_token
+from models.passes import PLAIN, eval_passes, train_passes
 from pretrain.banner import run_banner
 from pretrain.builtin_data import resolve_data
 from pretrain.checkpoint import CheckpointManager, seed_rng
@@ -45,6 +46,7 @@ class StepResult:
     loss: float
     grad_norm: float
     tokens: int
+    flops: float  # training FLOPs of the step (every pass)
     skipped: bool
     data_wait: float
 
@@ -100,7 +102,6 @@ class Trainer:
         )
         self.optimizers = [build_optimizer(part, config.optim) for part in self.parts]
         self.schedulers = [build_scheduler(o, config.train.max_steps, config.schedule) for o in self.optimizers]
-        self.flops_per_token = training_flops_per_token(config.model, config.data.seq_len)
 
         dp, dp_rank = self.dims.dp, self.runner.dp_rank
         self.train_loader = build_loader(
@@ -169,7 +170,8 @@ class Trainer:
         micro_batches = [to_device(next(self.train_iter), self.dist.device) for _ in range(self.grad_accum)]
         waited = time.perf_counter() - waited
         num_tokens = float(self.runner.reduce_dp(self.runner.loss_tokens(micro_batches)).item())
-        loss_share = self.runner.forward_backward(micro_batches, num_tokens)
+        passes = train_passes(self.config.model, self.step, self.config.run.seed)
+        loss_share = self.runner.forward_backward(micro_batches, num_tokens, passes)
         loss_value = float(self.runner.reduce_loss(loss_share).item())
         self.loss_terms = {name: float(v) for name, v in self.runner.take_loss_terms().items()}
 
@@ -196,10 +198,29 @@ class Trainer:
             scheduler.step()
         self.step += 1
         tokens = self.config.train.global_batch * self.config.data.seq_len
-        return StepResult(loss=loss_value, grad_norm=grad_norm, tokens=tokens, skipped=skipped, data_wait=waited)
+        seq_len = self.config.data.seq_len
+        flops = tokens * sum(training_flops_per_token(self.config.model, seq_len, p.setting) for p in passes)
+        return StepResult(
+            loss=loss_value, grad_norm=grad_norm, tokens=tokens, flops=flops, skipped=skipped, data_wait=waited
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss of the model as built (``valid_loss``) and, for models with
+        evaluation passes (models/passes.py), of each pass (``valid_loss/<pass>``)."""
+        out = {}
+        passes = eval_passes(self.config.model)
+        for p in passes if passes != PLAIN else ():
+            self.runner.select(p)
+            out[f"valid_loss/{p.name}"] = self._valid_loss()
+            if p.setting is None:
+                out["valid_loss"] = out[f"valid_loss/{p.name}"]
+        self.runner.select(PLAIN[0])
+        if "valid_loss" not in out:
+            out["valid_loss"] = self._valid_loss()
+        return out
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def _valid_loss(self) -> float:
         self.runner.train(False)
         self.valid_loader.consumed_samples = 0  # the same validation batches every time
         loader = iter(self.valid_loader)
@@ -230,18 +251,19 @@ class Trainer:
             for line in run_banner(config, self.dims, self.data.paths, resumed_from, self.step):
                 self.log.message(line)
             self.train_iter = iter(self.train_loader)
-            window = {"tokens": 0, "time": 0.0, "data": 0.0}
+            window = {"tokens": 0, "flops": 0.0, "time": 0.0, "data": 0.0}
             while self.step < config.train.max_steps:
                 started = time.perf_counter()
                 result = self.train_step()
                 window["time"] += time.perf_counter() - started
                 window["tokens"] += result.tokens
+                window["flops"] += result.flops
                 window["data"] += result.data_wait
                 if self.step % config.logging.interval == 0 or self.step == config.train.max_steps:
                     self.log.log({**self.metrics(result, window), **self.loss_terms, **self.runner.module_metrics()})
-                    window = {"tokens": 0, "time": 0.0, "data": 0.0}
+                    window = {"tokens": 0, "flops": 0.0, "time": 0.0, "data": 0.0}
                 if self.valid_loader is not None and self.step % config.train.eval_interval == 0:
-                    self.log.log({"step": self.step, "valid_loss": self.evaluate()})
+                    self.log.log({"step": self.step, **self.evaluate()})
                 if any_rank(stop.requested, self.dist.device):
                     self.save()
                     self.log.message(
@@ -273,6 +295,7 @@ class Trainer:
         elapsed = max(window["time"], 1e-9)
         tokens_per_s = window["tokens"] / elapsed
         per_device = tokens_per_s / self.dist.world_size
+        flops_per_token = window["flops"] / max(window["tokens"], 1)
         device_name = torch.cuda.get_device_name(self.dist.device) if self.dist.device.type == "cuda" else None
         return {
             "step": self.step,
@@ -281,8 +304,8 @@ class Trainer:
             "grad_norm": result.grad_norm,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": per_device,
-            "tflops": per_device * self.flops_per_token / 1e12,
-            "mfu": mfu(per_device, self.flops_per_token, device_name),
+            "tflops": per_device * flops_per_token / 1e12,
+            "mfu": mfu(per_device, flops_per_token, device_name),
             "peak_mem_gib": peak_memory_gib(self.dist.device),
             "data_wait_s": window["data"],
             "skipped": result.skipped,

@@ -10,6 +10,11 @@ schedule in one call, the last stage computing the loss. Loss values are reduced
 data-parallel and pipeline groups only, never over tensor-parallel ranks (which hold the same
 loss).
 
+A step may run several passes over the same micro-batches (models/passes.py: MatFormer's joint
+training runs one per nested width): each pass's loss is scaled by its weight before backward,
+so the gradients add up to those of Σ weight · loss; its loss terms are recorded as
+``<term>/<pass>``.
+
 Auxiliary losses of modules inside the model (e.g. load balancing) enter the gradient where they
 arise, whatever the stage (models/aux_loss.py); each micro-batch's share is its fraction of the
 global batch, set here once as the modules' ``aux_loss_scale``. Modules may also have a
@@ -30,6 +35,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import loss_parallel
 
+from models.passes import PLAIN, Pass, select_pass
 from models.spec import LossSettings
 from pretrain.names import clean_key
 from pretrain.parallel.clip import clip_grad_norm_
@@ -88,6 +94,7 @@ class ParallelRunner:
         self.pp_group = mesh["pp"].get_group() if mesh is not None and dims.pp > 1 else None
         self.ddp = apply_ddp(self.parts[0], dp_mesh(mesh)) if dims.ddp else None
         self.normalizer = 1.0
+        self.current = PLAIN[0]  # the pass being run (models/passes.py)
         self.recording = True  # loss terms are recorded in training steps, not in evaluation
         self.layout: list = []
         self.terms: dict[str, torch.Tensor] = defaultdict(self._zero)
@@ -142,10 +149,18 @@ class ParallelRunner:
     def _loss(self, output, targets: dict) -> torch.Tensor:
         loss, metrics = self.spec.loss(output, targets, self.normalizer, self.settings)
         if self.recording:
+            suffix = f"/{self.current.name}" if self.current.name else ""
             for name, value in metrics.items():
                 if name not in _NOT_TERMS:
-                    self.terms[name] += value.to(torch.float64)
-        return loss
+                    self.terms[name + suffix] += value.to(torch.float64)
+            if suffix:
+                self.terms["loss" + suffix] += loss.detach().to(torch.float64)
+        return loss if self.current.weight == 1.0 else loss * self.current.weight
+
+    def select(self, p: Pass) -> None:
+        """Run the following forwards as pass ``p`` (models/passes.py)."""
+        self.current = p
+        select_pass(self.parts, p.setting)
 
     def _pipeline_loss(self, output, target: torch.Tensor) -> torch.Tensor:
         return self._loss(output, unpack_targets(target, self.layout))
@@ -157,16 +172,30 @@ class ParallelRunner:
         return stack
 
     # ----------------------------------------------------------- training
-    def forward_backward(self, micro_batches: list[dict], num_tokens: float) -> torch.Tensor:
-        """Run forward and backward over the step's micro-batches (this rank's slices); returns
-        this rank's share of the step loss (float64; 0 on ranks without the last stage)."""
+    def forward_backward(
+        self, micro_batches: list[dict], num_tokens: float, passes: tuple[Pass, ...] = PLAIN
+    ) -> torch.Tensor:
+        """Run forward and backward over the step's micro-batches (this rank's slices), once per
+        pass (their weighted gradients add up); returns this rank's share of the step loss,
+        Σ weight · pass loss (float64; 0 on ranks without the last stage)."""
         self.normalizer, self.recording = num_tokens, True
-        if self.schedule is not None:
-            return self._pipeline_step(micro_batches, train=True)
+        total = self._zero()
+        try:
+            for k, p in enumerate(passes):
+                self.select(p)
+                if self.schedule is not None:
+                    total += self._pipeline_step(micro_batches, train=True)
+                else:
+                    total += self._sequential_step(micro_batches, last_pass=k == len(passes) - 1)
+        finally:
+            self.select(PLAIN[0])
+        return total
+
+    def _sequential_step(self, micro_batches: list[dict], last_pass: bool) -> torch.Tensor:
         total = self._zero()
         model = self.ddp or self.parts[0]
         for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
+            last = last_pass and i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             args, kwargs = self.spec.inputs(batch)
             with sync, self._context():
@@ -193,8 +222,8 @@ class ParallelRunner:
 
     @torch.no_grad()
     def eval_loss_sum(self, micro_batches: list[dict]) -> torch.Tensor:
-        """Summed per-token loss over ``micro_batches`` (float64; 0 off the last stage). With a
-        pipeline, pass as many micro-batches as a training step has."""
+        """Summed per-token loss over ``micro_batches`` (float64; 0 off the last stage) of the
+        selected pass. With a pipeline, pass as many micro-batches as a training step has."""
         self.normalizer, self.recording = 1.0, False
         if self.schedule is not None:
             return self._pipeline_step(micro_batches, train=False)
