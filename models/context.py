@@ -21,6 +21,12 @@ class DecodeState:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def rewind(self, n: int) -> None:
+        """Forget the last ``n`` positions in every layer (layers whose state cannot: ValueError)."""
+        for state in self.layers.values():
+            state.rewind(n)
+        self.length -= n
+
     def nbytes(self) -> int:
         """Bytes held by the layers' states (what a cache-size formula is checked against)."""
         return sum(state.nbytes() for state in self.layers.values())

@@ -23,6 +23,7 @@ from data.readers import InputError
 from data.tokenizer import TokenizerError
 from pretrain.errors import CheckpointError, ReportError, TrainingError
 from pretrain.commands import add_run_commands
+from pretrain.matformer import add_matformer_commands
 from models.configtree import ConfigError
 from tools.scaling.cli import add_scaling_commands
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run_commands(commands)
+    add_matformer_commands(commands)
     add_data_commands(commands)
     add_scaling_commands(commands)
     return parser

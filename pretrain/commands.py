@@ -1,4 +1,4 @@
-"""``pretrain train | generate | export``."""
+"""``pretrain train | generate | export | report``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def add_run_commands(commands) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tokenizer", default=None, help="default: the tokenizer saved in the run directory")
     gen.add_argument("--no-bos", dest="bos", action="store_false", help="do not prepend BOS to the prompt")
+    gen.add_argument(
+        "--draft-granularity", type=int, default=None,
+        help="MatFormer: greedy self-speculative decoding with the nested sub-model of this FFN width as the draft",
+    )
+    gen.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
     gen.set_defaults(run=_generate)
 
     export = commands.add_parser("export", help="consolidate a checkpoint's weights into one safetensors file")

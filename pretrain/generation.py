@@ -10,6 +10,8 @@ import torch
 from data.tokenizer import TokenizerError, load_tokenizer
 from models.config import ModelConfig
 from models.generate import generate
+from models.passes import eval_passes, select_pass
+from models.speculative import speculative_generate
 from models.spec import build_model
 from pretrain.checkpoint import CheckpointError
 from pretrain.export import load_model_weights, resolve_checkpoint
@@ -64,13 +66,47 @@ def generate_main(args) -> int:
     if not ids:
         raise TokenizerError("the prompt encodes to no tokens; give a non-empty --prompt")
     generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        out = generate(
-            model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, generator=generator, eos_id=tokenizer.eos_id,
-        )
+    if args.draft_granularity is not None:
+        out = _speculative(model, ids, args, tokenizer.eos_id)
+    else:
+        with torch.no_grad():
+            out = generate(
+                model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, generator=generator, eos_id=tokenizer.eos_id,
+            )
     new = out[0, len(ids):].tolist()
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
     print(args.prompt + tokenizer.decode(new))
     return 0
+
+
+def draft_switch(model, width: int):
+    """``use_draft(on)`` running ``model`` as its nested width-``width`` sub-model when on (the
+    evaluation pass named ``m<width>``: MatFormer, models/passes.py)."""
+    passes = {p.name: p for p in eval_passes(model.config)}
+    name = f"m{width}"
+    if name not in passes:
+        widths = [n[1:] for n in passes if n.startswith("m")] or "none (not a MatFormer model)"
+        raise CheckpointError(f"--draft-granularity {width}: this model's nested widths are {widths}")
+    return lambda on: select_pass([model], passes[name].setting if on else None)
+
+
+def _speculative(model, ids: list[int], args, eos_id: int | None) -> torch.Tensor:
+    import sys
+    import time
+
+    if args.temperature != 0:
+        raise CheckpointError("--draft-granularity decodes greedily: drop --temperature (or set it to 0)")
+    started = time.perf_counter()
+    out, stats = speculative_generate(
+        model, torch.tensor([ids]), args.max_new_tokens, draft_switch(model, args.draft_granularity),
+        k=args.draft_tokens, eos_id=eos_id,
+    )
+    elapsed = time.perf_counter() - started
+    print(
+        f"speculative decoding: {stats.accepted}/{stats.proposed} drafted tokens accepted "
+        f"({stats.acceptance:.0%}) in {stats.rounds} rounds; {(out.shape[1] - len(ids)) / elapsed:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return out

@@ -33,6 +33,12 @@ class KVCache:
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def rewind(self, n: int) -> None:
+        """Forget the last ``n`` positions (speculative decoding's rejected drafts)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot rewind {n} of {self.length} cached positions")
+        self.length -= n
+
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
@@ -58,6 +64,12 @@ class WindowKVCache:
         start = max(0, k.shape[2] - self.keep)
         self.keys, self.values = k[:, :, start:].clone(), v[:, :, start:].clone()
         return k, v
+
+    def rewind(self, n: int) -> None:
+        raise ValueError(
+            "a sliding-window cache has evicted what a rewind would need: speculative decoding works with "
+            "full-attention layers only"
+        )
 
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

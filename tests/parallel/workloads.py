@@ -15,6 +15,7 @@ from models.attention.layer import AttentionConfig
 from models.decoder.config import DecoderConfig
 from models.ffn.swiglu import SwiGLUConfig
 from models.loss import language_model_loss
+from models.passes import train_passes
 from models.spec import build_model
 from pretrain.optim import OptimConfig, build_optimizer
 from pretrain.parallel.config import ParallelConfig
@@ -127,6 +128,7 @@ class ParallelTraining:
         every: int = 1,
         model_config=TINY,
     ):
+        self.model_config = model_config
         dims = check_layout(parallel, model_config, world, global_batch=GLOBAL_BATCH, micro_batch=micro, seq_len=SEQ)
         self.mesh = build_mesh(dims, "cpu")
         self.dims, self.micro = dims, micro
@@ -148,7 +150,8 @@ class ParallelTraining:
 
     def step(self, step: int) -> tuple[float, float]:
         micro_batches, tokens = self.local_micro_batches(step)
-        loss = self.runner.reduce_loss(self.runner.forward_backward(micro_batches, tokens))
+        passes = train_passes(self.model_config, step, SEED)
+        loss = self.runner.reduce_loss(self.runner.forward_backward(micro_batches, tokens, passes))
         norm = self.runner.clip_grad_norm_(MAX_NORM)
         for optimizer in self.optimizers:
             optimizer.step()
