@@ -33,9 +33,14 @@ class SwiGLUConfig(FFNConfig):
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.w1 = Linear(d_model, d_ff)
-        self.w3 = Linear(d_model, d_ff)
-        self.w2 = Linear(d_ff, d_model)
+        self.w1 = self.projection(d_model, d_ff, hidden_dim=0)
+        self.w3 = self.projection(d_model, d_ff, hidden_dim=0)
+        self.w2 = self.projection(d_ff, d_model, hidden_dim=1)
+
+    def projection(self, in_features: int, out_features: int, hidden_dim: int) -> nn.Module:
+        """One of the three projections; ``hidden_dim`` is its weight's hidden-unit axis
+        (subclasses that narrow the hidden units use it: models/ffn/matformer)."""
+        return Linear(in_features, out_features)
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         nn.init.normal_(self.w1.weight, std=init_std)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from models.ffn.matformer.layout import interleave_perm
+from models.ffn.swiglu import SwiGLU
 from models.linear import Linear, linear
-from models.plans import Colwise, Rowwise
 
 
 def chunk_prefix(w: torch.Tensor, dim: int, chunk: int, keep: int) -> torch.Tensor:
@@ -59,21 +58,22 @@ class NestedLinear(Linear):
         return linear(x, w.index_select(self.hidden_dim, rows))
 
 
-class MatFormerFFN(nn.Module):
+class MatFormerFFN(SwiGLU):
     """SwiGLU over hidden size ``d_ff`` whose active width m is one of ``granularities``: the
     canonical hidden units [0, m). Stored in the interleaved order of layout.py for
     ``tp_interleave`` = T: chunk t of every granularity segment sits in stored block t, so
-    granularity m is the first m/T units of each of the T stored blocks of d_ff/T."""
+    granularity m is the first m/T units of each of the T stored blocks of d_ff/T. Same
+    parameters, init and tensor-parallel plan as ``SwiGLU``."""
 
     def __init__(self, d_model: int, d_ff: int, granularities: list[int], tp_interleave: int = 1):
-        super().__init__()
         self.d_model, self.d_ff, self.granularities = d_model, d_ff, list(granularities)
         self.tp_interleave = tp_interleave
-        chunk = d_ff // tp_interleave
-        canonical = torch.argsort(interleave_perm(self.granularities, tp_interleave))
-        self.w1 = NestedLinear(d_model, d_ff, 0, chunk, canonical)
-        self.w3 = NestedLinear(d_model, d_ff, 0, chunk, canonical)
-        self.w2 = NestedLinear(d_ff, d_model, 1, chunk, canonical)
+        self._canonical = torch.argsort(interleave_perm(self.granularities, tp_interleave))
+        super().__init__(d_model, d_ff)
+
+    def projection(self, in_features: int, out_features: int, hidden_dim: int) -> NestedLinear:
+        chunk = self.d_ff // self.tp_interleave
+        return NestedLinear(in_features, out_features, hidden_dim, chunk, self._canonical)
 
     @property
     def granularity(self) -> int:
@@ -91,17 +91,6 @@ class MatFormerFFN(nn.Module):
     def select_pass(self, level: int | None) -> None:
         """models/passes.py: a pass's setting is the index into ``granularities``."""
         self.set_granularity(None if level is None else self.granularities[level])
-
-    def init_weights(self, init_std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1.weight, std=init_std)
-        nn.init.normal_(self.w3.weight, std=init_std)
-        nn.init.normal_(self.w2.weight, std=out_std)
-
-    def tp_plan(self) -> dict:
-        return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def linear_flops_per_token(self) -> int:
         """Forward FLOPs of the three projections at the active width (models/counting.py)."""
