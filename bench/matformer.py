@@ -5,8 +5,9 @@
 1. Quality: one MatFormer trained jointly over widths d_ff·{1/8, 1/4, 1/2, 1}, and four dense
    SwiGLU models of exactly those widths trained independently on the same tokens (same seed,
    data order, schedule). Validation loss of each extracted sub-model next to its dense twin.
-2. Cost: tokens/s of the joint step vs the full-width dense step, and the FLOPs ratio the
-   counting predicts (Σ over widths of each width's FLOPs / the full model's).
+2. Cost: time of a joint step vs a full-width dense step (taking turns, in this process), and
+   the FLOPs ratio the counting predicts (Σ over widths of each width's FLOPs / the full
+   model's). ``--cost-only`` runs just this.
 3. Self-speculative decoding with each smaller width as the draft: acceptance rate and tokens/s
    vs plain greedy decoding of the full model (outputs checked identical).
 """
@@ -35,7 +36,41 @@ from pretrain.generation import draft_switch, load_checkpoint_model  # noqa: E40
 from pretrain.matformer import sweep_main  # noqa: E402
 
 
+def step_times(configs: dict, seq: int, steps: int) -> dict[str, float]:
+    """Median seconds per optimizer step (8 sequences, one micro-batch) of each model config,
+    through the trainer's runner with its passes; the models take turns step by step, so a
+    busy machine slows them alike."""
+    from models.passes import train_passes
+    from pretrain.optim import OptimConfig, build_optimizer
+    from pretrain.parallel.config import ParallelConfig
+    from pretrain.parallel.mesh import ParallelDims
+    from pretrain.parallel.parallelize import build_parts
+    from pretrain.parallel.runtime import ParallelRunner
+
+    cpu = torch.device("cpu")
+    dims = ParallelDims.resolve(ParallelConfig(), 1)
+    setups = {}
+    for name, config in configs.items():
+        parts = build_parts(config, ParallelConfig(), dims, None, cpu, seed=0)
+        runner = ParallelRunner(parts, dims, None, cpu, n_microbatches=1)
+        setups[name] = (config, runner, build_optimizer(parts.parts[0], OptimConfig()))
+    tokens = torch.randint(0, 4096, (8, seq + 1), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(8, seq, dtype=torch.long),
+             "position_ids": torch.arange(seq).expand(8, seq), "doc_ids": torch.zeros(8, seq, dtype=torch.long)}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for step in range(steps + 2):
+        for name, (config, runner, optimizer) in setups.items():
+            t0 = time.perf_counter()
+            runner.forward_backward([batch], float(8 * seq), train_passes(config, step, 0))
+            optimizer.step()
+            optimizer.zero_grad()
+            if step >= 2:  # warm-up steps not timed
+                times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def train(run_dir: Path, overrides: list[str]) -> list[dict]:
+    """``pretrain train`` with these arguments; the run's metrics records."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     subprocess.run([sys.executable, "-m", "pretrain", "train", *overrides, f"run.dir={run_dir}"], env=env,
                    check=True, capture_output=True, text=True, cwd=ROOT)
@@ -49,27 +84,39 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--cost-only", action="store_true", help="only the step-cost comparison (section 2)")
+    parser.add_argument("--joint-run", default=None, help="reuse this finished joint run directory (same settings)")
     args = parser.parse_args()
     d_ff = 8 * args.d_model
     widths = [d_ff // 8, d_ff // 4, d_ff // 2, d_ff]
     common = [
-        "--config", "matformer-tiny", f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",
+        f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",
         "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2", f"model.ffn.d_ff={d_ff}",
         f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}", "data.num_workers=0", "train.global_batch=8",
         "train.micro_batch=8", f"train.max_steps={args.steps}", f"train.eval_interval={args.steps}",
         "train.eval_batches=8", f"schedule.warmup_steps={args.steps // 10}", "logging.interval=10",
         f"checkpoint.interval={args.steps}",
     ]
+    config = load_config("matformer-tiny", [*common, f"model.ffn.granularities={widths}"])
+    dense_config = load_config("tiny", common)
+    flops = [training_flops_per_token(config.model, args.seq, level) for level in range(len(widths))]
+    times = step_times({"joint": config.model, "dense": dense_config.model}, args.seq, steps=10)
+    cost = (f"Joint step vs dense full-width step (same shape, 8 × {args.seq} tokens, median of 10 alternating "
+            f"steps): {times['joint'] * 1e3:.0f} ms vs {times['dense'] * 1e3:.0f} ms, "
+            f"{times['joint'] / times['dense']:.2f}× the time; counted FLOPs predict {sum(flops) / flops[-1]:.2f}× "
+            f"(FFN alone: Σm/d_ff = {sum(widths) / d_ff:.3f}).\n")
+    if args.cost_only:
+        print(cost)
+        return
     root = Path(tempfile.mkdtemp(prefix="bench-matformer-"))
     started = time.time()
-    joint = train(root / "joint", [*common, f"model.ffn.granularities={widths}"])
-    dense = {m: train(root / f"dense{m}", [*common, "model.ffn.kind=swiglu", f"model.ffn.d_ff={m}"]) for m in widths}
-    rows = sweep_main(root / "joint" / "checkpoints", root / "sweep", [[m] for m in widths], batches=8)
-
-    def rate(records):  # steady-state tokens/s: the logged windows after the first
-        values = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
-        return sum(values) / len(values)
-
+    if args.joint_run:  # a finished joint run of these settings (e.g. from an earlier invocation)
+        joint_dir = Path(args.joint_run)
+    else:
+        joint_dir = root / "joint"
+        train(joint_dir, ["--config", "matformer-tiny", *common, f"model.ffn.granularities={widths}"])
+    dense = {m: train(root / f"dense{m}", ["--config", "tiny", *common, f"model.ffn.d_ff={m}"]) for m in widths}
+    rows = sweep_main(joint_dir / "checkpoints", root / "sweep", [[m] for m in widths], batches=8)
     print(f"## MatFormer vs independently trained dense models — `python bench/matformer.py --steps {args.steps} "
           f"--d-model {args.d_model} --layers {args.layers}`\n")
     print(f"{args.steps} steps × 8 × {args.seq} tokens each, built-in corpus, seed 1234; d_model {args.d_model}, "
@@ -79,15 +126,9 @@ def main() -> None:
     for row, m in zip(rows, widths):
         alone = [r["valid_loss"] for r in dense[m] if "valid_loss" in r][-1]
         print(f"| {m} | {row['params']:,} | {row['valid_loss']:.4f} | {alone:.4f} | {row['valid_loss'] - alone:+.4f} |")
-    config = load_config(None, [a for a in common if "=" in a] + [f"model.ffn.granularities={widths}"])
-    flops = [training_flops_per_token(config.model, args.seq, level) for level in range(len(widths))]
-    predicted = sum(flops) / flops[-1]
-    measured = rate(dense[d_ff]) / rate(joint)
-    print(f"\nJoint step vs dense full-width step: {rate(joint):.0f} vs {rate(dense[d_ff]):.0f} tokens/s, "
-          f"{measured:.2f}× the time; counted FLOPs predict {predicted:.2f}× "
-          f"(FFN alone: Σm/d_ff = {sum(widths) / d_ff:.3f}).\n")
+    print("\n" + cost)
 
-    model, _ = load_checkpoint_model(root / "joint" / "checkpoints")
+    model, _ = load_checkpoint_model(joint_dir / "checkpoints")
     prompts = [torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
                for n in (4, 16, 32)]
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from models.speculative import speculative_generate
 from pretrain.config import load_config
 from pretrain.distributed import DistInfo
 from pretrain.generation import draft_switch, load_checkpoint_model
+from pretrain.matformer import extract_main
 from pretrain.train import Trainer
 from tests.parallel.launch import run_ranks
 
@@ -161,3 +162,11 @@ def test_sampled_widths_resume_across_layouts(cache, tmp_path):
     assert sorted(c) == [5, 6, 7, 8]
     for step in c:
         assert c[step][1] == b[step][1] and c[step][0] == pytest.approx(b[step][0], abs=1e-6), step
+    # Trained under TP2 in the interleaved order: the extracted width-64 model (order undone)
+    # computes what the checkpoint's model computes at width 64.
+    model, _ = load_checkpoint_model(checkpoint)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    extract_main(checkpoint, tmp_path / "m64", granularity=64)
+    dense, _ = load_checkpoint_model(tmp_path / "m64" / "checkpoints")
+    set_granularity(model, 64)
+    assert torch.equal(logits_at(dense, tokens), logits_at(model, tokens))
