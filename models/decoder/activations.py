@@ -9,10 +9,13 @@ tokens, f = d_ff, h_kv = n_kv_heads·head_dim, e bytes per activation:
 - RMSNorm (×2, computed in fp32): its fp32 input (x itself in fp32, a copy in bf16) 4·T·h,
   1/rms 4·T, x/rms before the gain (the gain's gradient) e·T·h, and its output, kept by the
   GEMMs that read it, e·T·h.
-- attention, fused kernel (SDPA flash): q and k after RoPE and v, e·T·(h + 2·h_kv); the output
-  e·T·h (also the output projection's input: the reshape is a view); the log-sum-exp 4·T·a.
-  With a document mask SDPA expands K/V to all heads and keeps an fp32 copy of the mask
-  (4·b·s²); the unfused math kernel keeps softmax probabilities twice (8·a·s²·b in fp32).
+- attention, by its math: q and k after RoPE and v, e·T·(h + 2·h_kv); the output e·T·h (the
+  output projection's input); the softmax statistics: the log-sum-exp 4·T·a for a kernel that
+  recomputes the probabilities (flash), the probabilities 4·a·s²·b for one that keeps them.
+  What a backend keeps beyond that is listed separately (``extra.*`` terms), each with its
+  reason in BACKEND_EXTRAS: SDPA with a document mask expands K/V to all heads and keeps an fp32
+  mask (4·b·s²); the math backend also expands K/V, keeps the probabilities twice and keeps
+  boolean masks.
 - SwiGLU: gate and up projections, SiLU(gate) and their product: 4·e·T·f.
 
 With e = 2 and the fused kernel that is s·b·h·(20 + 4·h_kv/h + 8·f/h) + s·b·(8 + 4·a) bytes per
@@ -74,21 +77,51 @@ def _norm_terms(shape: BlockShape, e: int) -> dict[str, int]:
     return {"x_fp32": 4 * n * h, "inv_rms": 4 * n, "x_normed": e * n * h, "gemm_input": e * shape.tokens * h}
 
 
-def _attention_terms(shape: BlockShape, e: int, kernel: str) -> dict[str, int]:
+# What the attention backends keep beyond the math (``extra.<name>`` terms), and why.
+BACKEND_EXTRAS = {
+    "k_expanded": "SDPA's efficient kernel with a mask, and the math backend, take K repeated to every query "
+    "head (no native GQA): the copy is saved instead of k, costing the (n_heads - n_kv_heads) extra heads",
+    "v_expanded": "the same for V",
+    "mask_fp32": "SDPA turns the boolean document mask into an additive fp32 mask [b, s, s] and saves it",
+    "probs_masked": "the math backend saves the probabilities twice: softmax's output, and the copy with "
+    "fully-masked rows zeroed that multiplies V",
+    "masks_bool": "the math backend saves the inverted boolean mask and its per-row any() (per row of documents)",
+}
+
+
+def _attention_math(shape: BlockShape, e: int, materialised: bool) -> dict[str, int]:
+    """What attention's backward needs by its math: q and k after RoPE, v, the output (the
+    output projection's input), and the softmax's statistics — the log-sum-exp per query and
+    head when the kernel recomputes the probabilities (flash), the probabilities themselves
+    [b, a, s, s] (fp32) when it materialises them (math backend)."""
     t, s, b, a = shape.tokens, shape.seq, shape.batch, shape.heads
-    if kernel == "fused":  # flash: native GQA; its output is also the output projection's input
-        return {"q": e * t * shape.q, "k": e * t * shape.kv, "v": e * t * shape.kv, "out": e * t * shape.q,
-                "lse_fp32": 4 * t * a}
-    if kernel == "fused_masked":  # K/V expanded to every head; the bool mask becomes an fp32 one
-        return {"q": e * t * shape.q, "k_expanded": e * t * shape.q, "v_expanded": e * t * shape.q,
-                "out": e * t * shape.q, "lse_fp32": 4 * t * a, "mask_fp32": 4 * b * s * s}
-    # unfused (math, fp32): scores' inputs, softmax output, masked probabilities, their V, the
-    # inverted bool mask and its any() row mask (per row with documents), and a contiguous copy
-    # for the output projection
-    rows = b if kernel == "unfused_masked" else 1
-    return {"q": e * t * shape.q, "k_expanded": e * t * shape.q, "v_expanded": e * t * shape.q,
-            "probs": 4 * b * a * s * s, "probs_masked": 4 * b * a * s * s, "masks_bool": rows * (s * s + s),
-            "out_copy": e * t * shape.q}
+    terms = {"q": e * t * shape.q, "k": e * t * shape.kv, "v": e * t * shape.kv, "out": e * t * shape.q}
+    if materialised:
+        terms["probs"] = 4 * b * a * s * s
+    else:
+        terms["lse_fp32"] = 4 * t * a
+    return terms
+
+
+def _attention_extras(shape: BlockShape, e: int, kernel: str) -> dict[str, int]:
+    """What ``kernel`` keeps beyond the math, by BACKEND_EXTRAS name."""
+    t, s, b, a = shape.tokens, shape.seq, shape.batch, shape.heads
+    if kernel == "fused":
+        return {}
+    expanded = e * t * (shape.q - shape.kv)
+    extras = {"k_expanded": expanded, "v_expanded": expanded}
+    if kernel == "fused_masked":
+        extras["mask_fp32"] = 4 * b * s * s
+    else:
+        rows = b if kernel == "unfused_masked" else 1
+        extras.update(probs_masked=4 * b * a * s * s, masks_bool=rows * (s * s + s))
+    return extras
+
+
+def _attention_terms(shape: BlockShape, e: int, kernel: str) -> dict[str, int]:
+    terms = _attention_math(shape, e, materialised=kernel.startswith("unfused"))
+    terms.update({f"extra.{k}": v for k, v in _attention_extras(shape, e, kernel).items()})
+    return terms
 
 
 def _ffn_terms(shape: BlockShape, e: int) -> dict[str, int]:

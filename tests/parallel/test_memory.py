@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
-from models.decoder.activations import block_activation_bytes, block_activation_terms
+from models.decoder.activations import BACKEND_EXTRAS, block_activation_bytes, block_activation_terms
 from pretrain.parallel.memory import measure_activations
 from pretrain.parallel.recompute import RECOMPUTE_MODES
 from tests.parallel.launch import run_ranks
@@ -48,11 +48,30 @@ def test_modes_order_and_the_quadratic_term():
     assert bytes_of["full"] < bytes_of["op"] < bytes_of["selective"] < bytes_of["none"]
     # Selective recomputation removes exactly what scales with s² (and the kernel's K/V copies).
     terms = block_activation_terms(CONFIG, BATCH, SEQ, "none", kernel="unfused")
-    quadratic = terms["probs"] + terms["probs_masked"] + terms["masks_bool"]
+    quadratic = terms["probs"] + terms["extra.probs_masked"] + terms["extra.masks_bool"]
     head_dim = CONFIG.d_model // CONFIG.mixer.n_heads
     expanded = 4 * BATCH * SEQ * 2 * (CONFIG.mixer.n_heads - CONFIG.mixer.n_kv_heads) * head_dim
     assert bytes_of["none"] - bytes_of["selective"] == quadratic + expanded
     assert bytes_of["full"] == 4 * BATCH * SEQ * CONFIG.d_model  # the block input only
+
+
+@pytest.mark.parametrize("kernel", ["fused", "fused_masked", "unfused", "unfused_masked"])
+def test_attention_math_is_the_same_for_every_backend_and_extras_have_reasons(kernel):
+    """Attention's terms without the ``extra.`` ones are its math: q, k, v, out and the softmax
+    statistics (log-sum-exp per query and head, or the fp32 probabilities when the kernel keeps
+    them); a kernel that keeps nothing else (flash) has no extras, and every extra names its
+    reason (measured totals above include them)."""
+    terms = block_activation_terms(CONFIG, BATCH, SEQ, "none", kernel=kernel)
+    head_dim = CONFIG.d_model // CONFIG.mixer.n_heads
+    q, kv, t, heads = CONFIG.d_model, CONFIG.mixer.n_kv_heads * head_dim, BATCH * SEQ, CONFIG.mixer.n_heads
+    math = {"q": 4 * t * q, "k": 4 * t * kv, "v": 4 * t * kv, "out": 4 * t * q}
+    math.update({"probs": 4 * BATCH * heads * SEQ**2} if kernel.startswith("unfused") else {"lse_fp32": 4 * t * heads})
+    attention = {k: v for k, v in terms.items() if not k.startswith(("mixer_norm.", "ffn_norm.", "gate", "up",
+                                                                         "silu_gate", "extra."))}
+    assert attention == math
+    extras = {k.removeprefix("extra."): v for k, v in terms.items() if k.startswith("extra.")}
+    assert (kernel == "fused") == (not extras)
+    assert set(extras) <= set(BACKEND_EXTRAS)
 
 
 def measure_tp(rank: int, world: int) -> dict:
