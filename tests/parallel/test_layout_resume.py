@@ -2,7 +2,7 @@
 one (pp, dp, tp) layout resumes under another — TP2 → FSDP2 (the data-parallel degree, and so
 each rank's slice of the global batch, changes from 1 to 2), PP2×TP2 → one process — and
 continues with the losses of the uninterrupted run, and bit for bit when resumed under the saving
-layout (DDP, FSDP2, HSDP, TP2, PP2×TP2); the consolidated export of a checkpoint is the same from
+layout (DDP, FSDP2, HSDP, TP2, PP2, PP2×TP2); the consolidated export of a checkpoint is the same from
 every layout."""
 
 from __future__ import annotations
@@ -73,11 +73,12 @@ def runs(cache, tmp_path_factory):
     fsdp2 = run("tp2_to_fsdp2", 2, f"checkpoint.resume={checkpoint(tp2, 4)}")
     one = run("pp2_tp2_to_one", 1, f"checkpoint.resume={checkpoint(pp2_tp2, 4)}")
     # ... and under the same layout, as a job killed after step 4 and restarted would.
-    same = {"fsdp2": run("fsdp2", 2)}
+    same = {"fsdp2": run("fsdp2", 2), "pp2": run("pp2", 2, "parallel.pp=2")}
     same["hsdp2x2"] = run("hsdp2x2", 4, "parallel.dp_replicate=2", "parallel.dp_shard=2")
     for name, saved, world, layout in (
         ("tp2", tp2, 2, ["parallel.tp=2"]), ("pp2_tp2", pp2_tp2, 4, ["parallel.pp=2", "parallel.tp=2"]),
-        ("fsdp2", same["fsdp2"], 2, []), ("hsdp2x2", same["hsdp2x2"], 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+        ("fsdp2", same["fsdp2"], 2, []), ("pp2", same["pp2"], 2, ["parallel.pp=2"]),
+        ("hsdp2x2", same["hsdp2x2"], 4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
     ):
         same[f"{name}_resumed"] = run(f"{name}_resumed", world, *layout, f"checkpoint.resume={checkpoint(saved, 4)}")
     # DDP over 4 ranks resumed under the same layout: bit-exact only if the gradient buckets (whose
@@ -112,7 +113,7 @@ def test_resumed_under_another_layout_continues(runs, name, saved_by):
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
 
 
-@pytest.mark.parametrize("name", ["ddp4", "fsdp2", "hsdp2x2", "tp2", "pp2_tp2"])
+@pytest.mark.parametrize("name", ["ddp4", "fsdp2", "hsdp2x2", "tp2", "pp2", "pp2_tp2"])
 def test_resumed_under_the_same_layout_is_bit_exact(runs, name):
     """Restarted from its own step-4 checkpoint, a run repeats steps 5-8 bit for bit."""
     uninterrupted, resumed = losses(runs["dirs"][name]), losses(runs["dirs"][f"{name}_resumed"])
