@@ -1,9 +1,54 @@
-"""RMSNorm computed in fp32 and cast back to the input dtype before the gain (as HF Llama)."""
+"""RMSNorm computed in fp32 and cast back to the input dtype before the gain (as HF Llama).
+
+For backward it keeps only its input (in the input's dtype) and the per-token inverse RMS
+(fp32), and recomputes the normalised activations: the plain ops would keep an fp32 copy of a
+bf16 input, the fp32 normalised tensor and its cast — 3 tensors of the block's width instead
+of 1 (docs/benchmarks.md, "Activation memory"). The forward is the same ops as the plain form,
+so outputs are bit-identical; gradients agree to rounding (tests/models/test_norm.py).
+DTensor inputs (tensor/sequence parallelism) run the plain ops.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x32 = x.float()
+    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return x32 * inv_rms, inv_rms
+
+
+class _LeanRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        normed, inv_rms = _normalise(x, eps)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * normed.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, inv_rms = ctx.saved_tensors
+        normed = x.float() * inv_rms
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = (grad * weight).float()
+            mean = (grad_normed * normed).mean(-1, keepdim=True)
+            grad_x = (inv_rms * (grad_normed - normed * mean)).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight · (x / rms(x))``, normalised in fp32; lean in memory for plain tensors."""
+    if isinstance(x, torch.Tensor) and type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _LeanRMSNorm.apply(x, weight, eps)
+    normed, _ = _normalise(x, eps)
+    return weight * normed.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -17,9 +62,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

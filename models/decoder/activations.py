@@ -6,9 +6,10 @@ The way Korthikanti et al. 2022 count their GPT block (34·s·b·h + 5·a·s²·
 per op, what its backward needs. For our block (RMSNorm, SwiGLU, GQA, no dropout), T = s·b
 tokens, f = d_ff, h_kv = n_kv_heads·head_dim, e bytes per activation:
 
-- RMSNorm (×2, computed in fp32): its fp32 input (x itself in fp32, a copy in bf16) 4·T·h,
-  1/rms 4·T, x/rms before the gain (the gain's gradient) e·T·h, and its output, kept by the
-  GEMMs that read it, e·T·h.
+- RMSNorm (×2, computed in fp32, models/norm.py): its input e·T·h and 1/rms 4·T (it recomputes
+  x/rms in backward), and its output, kept by the GEMMs that read it, e·T·h. Under tensor
+  parallelism (DTensors) the plain ops run and keep the fp32 input 4·T·h (x itself in fp32, a
+  copy in bf16), 1/rms and x/rms before the gain e·T·h.
 - attention, by its math: q and k after RoPE and v, e·T·(h + 2·h_kv); the output e·T·h (the
   output projection's input); the softmax statistics: the log-sum-exp 4·T·a for a kernel that
   recomputes the probabilities (flash), the probabilities 4·a·s²·b for one that keeps them.
@@ -18,9 +19,9 @@ tokens, f = d_ff, h_kv = n_kv_heads·head_dim, e bytes per activation:
   boolean masks.
 - SwiGLU: gate and up projections, SiLU(gate) and their product: 4·e·T·f.
 
-With e = 2 and the fused kernel that is s·b·h·(20 + 4·h_kv/h + 8·f/h) + s·b·(8 + 4·a) bytes per
-block (GPT's 34 becomes 53 for the 1b preset: the fp32 norms cost 20 instead of 4, a 4h SwiGLU 32
-instead of 19; flash attention removes the 5·a·s²·b term).
+With e = 2 and the fused kernel that is s·b·h·(12 + 4·h_kv/h + 8·f/h) + s·b·(8 + 4·a) bytes per
+block: 45·s·b·h for the 1b preset against GPT's 34 (a 4h SwiGLU keeps 32 where GPT's GeLU MLP
+keeps 19; flash attention removes the 5·a·s²·b term). The plain norms (under TP) add 8·s·b·h.
 
 Modes: ``selective`` keeps the attention kernel's inputs and output only (drops the
 log-sum-exp, or the probabilities); ``full`` keeps the block input; ``op`` keeps the block input,
@@ -69,12 +70,14 @@ class BlockShape:
         return self.batch * self.seq
 
 
-def _norm_terms(shape: BlockShape, e: int) -> dict[str, int]:
-    """One RMSNorm: fp32 input (x itself in fp32, a copy in bf16), 1/rms, x/rms (the gain's
-    gradient) over the sequence-parallel region, and its output as kept by the next GEMMs:
-    whole (replicated, or all-gathered under SP)."""
+def _norm_terms(shape: BlockShape, e: int, lean: bool) -> dict[str, int]:
+    """One RMSNorm over the sequence-parallel region, and its output as kept by the next GEMMs:
+    whole (replicated, or all-gathered under SP). Lean (plain tensors, models/norm.py): its input
+    in its own dtype and 1/rms. Plain ops (DTensors under TP): the fp32 input (x itself in
+    fp32, a copy in bf16), 1/rms and x/rms before the gain (the gain's gradient)."""
     n, h = shape.sp_tokens, shape.h
-    return {"x_fp32": 4 * n * h, "inv_rms": 4 * n, "x_normed": e * n * h, "gemm_input": e * shape.tokens * h}
+    kept = {"x": e * n * h} if lean else {"x_fp32": 4 * n * h, "x_normed": e * n * h}
+    return {**kept, "inv_rms": 4 * n, "gemm_input": e * shape.tokens * h}
 
 
 # What the attention backends keep beyond the math (``extra.<name>`` terms), and why.
@@ -159,14 +162,15 @@ def block_activation_terms(
         else:
             terms.update(attention_out=e * t * shape.q, lse_fp32=4 * t * shape.heads)
         return terms
-    terms = {f"mixer_norm.{k}": v for k, v in _norm_terms(shape, e).items()}
+    lean = tp == 1  # the lean norm runs on plain tensors; under TP they are DTensors
+    terms = {f"mixer_norm.{k}": v for k, v in _norm_terms(shape, e, lean).items()}
     if mode == "selective":  # the kernel's inputs and output only
         terms.update(q=e * t * shape.q, k=e * t * shape.kv, v=e * t * shape.kv, out=e * t * shape.q)
     elif mode == "none":
         terms.update(_attention_terms(shape, e, kernel))
     else:
         raise ValueError(f"unknown recompute mode {mode!r}")
-    terms.update({f"ffn_norm.{k}": v for k, v in _norm_terms(shape, e).items()})
+    terms.update({f"ffn_norm.{k}": v for k, v in _norm_terms(shape, e, lean).items()})
     terms.update(_ffn_terms(shape, e))
     return terms
 

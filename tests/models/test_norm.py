@@ -1,0 +1,34 @@
+"""The lean RMSNorm (models/norm.py) against the plain ops under autograd: the same outputs bit
+for bit, gradients to rounding, in fp32 and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.norm import RMSNorm
+
+
+def plain(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_lean_norm_equals_the_plain_ops(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(4, 7, 64, generator=g)).to(dtype).requires_grad_()
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+    out = norm(x)
+    weight = norm.weight.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    ref = plain(x_ref, weight, 1e-5)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+    grad = torch.randn(ref.shape, generator=g).to(ref.dtype)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(norm.weight.grad, weight.grad, rtol=tol, atol=tol * 10)
+    assert x.grad.dtype == dtype and norm.weight.grad.dtype == torch.float32
