@@ -17,10 +17,11 @@ tokens, f = d_ff, h_kv = n_kv_heads·head_dim, e bytes per activation:
   reason in BACKEND_EXTRAS: SDPA with a document mask expands K/V to all heads and keeps an fp32
   mask (4·b·s²); the math backend also expands K/V, keeps the probabilities twice and keeps
   boolean masks.
-- SwiGLU: gate and up projections, SiLU(gate) and their product: 4·e·T·f.
+- SwiGLU: gate and up projections (its product recomputes SiLU(gate) in backward) and their
+  product, the down projection's input: 3·e·T·f.
 
-With e = 2 and the fused kernel that is s·b·h·(12 + 4·h_kv/h + 8·f/h) + s·b·(8 + 4·a) bytes per
-block: 45·s·b·h for the 1b preset against GPT's 34 (a 4h SwiGLU keeps 32 where GPT's GeLU MLP
+With e = 2 and the fused kernel that is s·b·h·(12 + 4·h_kv/h + 6·f/h) + s·b·(8 + 4·a) bytes per
+block: 37·s·b·h for the 1b preset against GPT's 34 (a 4h SwiGLU keeps 24 where GPT's GeLU MLP
 keeps 19; flash attention removes the 5·a·s²·b term). The plain norms (under TP) add 8·s·b·h.
 
 Modes: ``selective`` keeps the attention kernel's inputs and output only (drops the
@@ -129,7 +130,7 @@ def _attention_terms(shape: BlockShape, e: int, kernel: str) -> dict[str, int]:
 
 def _ffn_terms(shape: BlockShape, e: int) -> dict[str, int]:
     n = e * shape.tokens * shape.f
-    return {"gate": n, "up": n, "silu_gate": n, "gate_x_up": n}
+    return {"gate": n, "up": n, "gate_x_up": n}  # silu(gate) is recomputed (models/ffn/swiglu.py)
 
 
 def block_activation_terms(

@@ -30,6 +30,32 @@ class SwiGLUConfig(FFNConfig):
         return {f"{prefix}.d_ff": self.d_ff}
 
 
+class _GatedProduct(torch.autograd.Function):
+    """silu(gate) ⊙ up, keeping only gate and up for backward (silu(gate) is recomputed): one
+    tensor of the FFN's width less than the plain ops keep."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_gate = grad * up * (sig * (1 + gate * (1 - sig)))
+        return grad_gate, grad * silu
+
+
+def gated_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``; lean in memory for plain tensors under autograd."""
+    plain = type(gate) is torch.Tensor and type(up) is torch.Tensor
+    if plain and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _GatedProduct.apply(gate, up)
+    return F.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
@@ -51,7 +77,7 @@ class SwiGLU(nn.Module):
         return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(gated_product(self.w1(x), self.w3(x)))
 
 
 register_ffn("swiglu", SwiGLUConfig, lambda config, d_model, layer_id: SwiGLU(d_model, config.d_ff))

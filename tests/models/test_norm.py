@@ -1,5 +1,5 @@
-"""The lean RMSNorm (models/norm.py) against the plain ops under autograd: the same outputs bit
-for bit, gradients to rounding, in fp32 and bf16."""
+"""The lean RMSNorm (models/norm.py) and SwiGLU product (models/ffn/swiglu.py) against the plain
+ops under autograd: the same outputs bit for bit, gradients to rounding, in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -32,3 +32,20 @@ def test_lean_norm_equals_the_plain_ops(dtype, tol):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
     torch.testing.assert_close(norm.weight.grad, weight.grad, rtol=tol, atol=tol * 10)
     assert x.grad.dtype == dtype and norm.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_lean_gated_product_equals_the_plain_ops(dtype, tol):
+    from models.ffn.swiglu import gated_product
+
+    g = torch.Generator().manual_seed(2)
+    gate = (3 * torch.randn(4, 9, 32, generator=g)).to(dtype).requires_grad_()
+    up = torch.randn(4, 9, 32, generator=g).to(dtype).requires_grad_()
+    gate_ref, up_ref = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    out, ref = gated_product(gate, up), torch.nn.functional.silu(gate_ref) * up_ref
+    assert torch.equal(out, ref)
+    grad = torch.randn(ref.shape, generator=g).to(dtype)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(gate.grad, gate_ref.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(up.grad, up_ref.grad, rtol=tol, atol=tol)

@@ -67,7 +67,7 @@ def test_attention_math_is_the_same_for_every_backend_and_extras_have_reasons(ke
     math = {"q": 4 * t * q, "k": 4 * t * kv, "v": 4 * t * kv, "out": 4 * t * q}
     math.update({"probs": 4 * BATCH * heads * SEQ**2} if kernel.startswith("unfused") else {"lse_fp32": 4 * t * heads})
     attention = {k: v for k, v in terms.items() if not k.startswith(("mixer_norm.", "ffn_norm.", "gate", "up",
-                                                                         "silu_gate", "extra."))}
+                                                                         "extra."))}
     assert attention == math
     extras = {k.removeprefix("extra."): v for k, v in terms.items() if k.startswith("extra.")}
     assert (kernel == "fused") == (not extras)
