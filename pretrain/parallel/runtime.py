@@ -179,17 +179,21 @@ class ParallelRunner:
         pass (their weighted gradients add up); returns this rank's share of the step loss,
         Σ weight · pass loss (float64; 0 on ranks without the last stage)."""
         self.normalizer, self.recording = num_tokens, True
+        if passes == PLAIN:  # the model as built: nothing to select
+            return self._one_pass(micro_batches, last_pass=True)
         total = self._zero()
         try:
             for k, p in enumerate(passes):
                 self.select(p)
-                if self.schedule is not None:
-                    total += self._pipeline_step(micro_batches, train=True)
-                else:
-                    total += self._sequential_step(micro_batches, last_pass=k == len(passes) - 1)
+                total += self._one_pass(micro_batches, last_pass=k == len(passes) - 1)
         finally:
             self.select(PLAIN[0])
         return total
+
+    def _one_pass(self, micro_batches: list[dict], last_pass: bool) -> torch.Tensor:
+        if self.schedule is not None:
+            return self._pipeline_step(micro_batches, train=True)
+        return self._sequential_step(micro_batches, last_pass)
 
     def _sequential_step(self, micro_batches: list[dict], last_pass: bool) -> torch.Tensor:
         total = self._zero()

@@ -130,6 +130,18 @@ def test_self_speculative_decoding_is_the_full_models_greedy_output(trained):
     assert accepted > 0
 
 
+def test_generate_command_with_a_draft_prints_the_plain_greedy_text(trained, cache):
+    common = ["generate", "--checkpoint", str(trained / "checkpoints"), "--prompt", "And God said",
+              "--max-new-tokens", "24"]
+    plain = pretrain(cache, *common)
+    drafted = pretrain(cache, *common, "--draft-granularity", "256", "--draft-tokens", "3")
+    assert drafted.stdout == plain.stdout and plain.stdout.startswith("And God said")
+    assert "drafted tokens accepted" in drafted.stderr
+    bad = subprocess.run([sys.executable, "-m", "pretrain", *common, "--draft-granularity", "100"],
+                         env=env_for(cache), capture_output=True, text=True)
+    assert bad.returncode == 2 and "nested widths are ['64', '256', '1024']" in bad.stderr
+
+
 def train_sampled(rank: int, world: int, cache: str, run_dir: str, overrides: list[str]) -> dict:
     os.environ["PRETRAIN_CACHE"] = cache
     small = ["model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2",
