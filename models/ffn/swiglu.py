@@ -41,11 +41,11 @@ class _GatedProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # autograd's own ops for silu(gate) * up, with silu(gate) recomputed: the same bits.
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_gate = grad * up * (sig * (1 + gate * (1 - sig)))
-        return grad_gate, grad * silu
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
 
 
 def gated_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

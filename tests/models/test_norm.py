@@ -1,5 +1,6 @@
 """The lean RMSNorm (models/norm.py) and SwiGLU product (models/ffn/swiglu.py) against the plain
-ops under autograd: the same outputs bit for bit, gradients to rounding, in fp32 and bf16."""
+ops under autograd: the same outputs bit for bit; gradients to rounding (the norm) or bit for bit
+(the product), in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def test_lean_norm_equals_the_plain_ops(dtype, tol):
     assert x.grad.dtype == dtype and norm.weight.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_lean_gated_product_equals_the_plain_ops(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_gated_product_equals_the_plain_ops(dtype):
     from models.ffn.swiglu import gated_product
 
     g = torch.Generator().manual_seed(2)
@@ -47,5 +48,4 @@ def test_lean_gated_product_equals_the_plain_ops(dtype, tol):
     grad = torch.randn(ref.shape, generator=g).to(dtype)
     out.backward(grad)
     ref.backward(grad)
-    torch.testing.assert_close(gate.grad, gate_ref.grad, rtol=tol, atol=tol)
-    torch.testing.assert_close(up.grad, up_ref.grad, rtol=tol, atol=tol)
+    assert torch.equal(gate.grad, gate_ref.grad) and torch.equal(up.grad, up_ref.grad)  # autograd's own ops
