@@ -4,7 +4,8 @@ For backward it keeps only its input (in the input's dtype) and the per-token in
 (fp32), and recomputes the normalised activations: the plain ops would keep an fp32 copy of a
 bf16 input, the fp32 normalised tensor and its cast — 3 tensors of the block's width instead
 of 1 (docs/benchmarks.md, "Activation memory"). The forward is the same ops as the plain form,
-so outputs are bit-identical; gradients agree to rounding (tests/models/test_norm.py).
+and backward runs the ops autograd would, so outputs and gradients are bit-identical
+(tests/models/test_norm.py).
 DTensor inputs (tensor/sequence parallelism) run the plain ops.
 """
 
@@ -29,16 +30,20 @@ class _LeanRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # The ops autograd runs for the plain form, with x/rms recomputed: the same bits.
         x, weight, inv_rms = ctx.saved_tensors
-        normed = x.float() * inv_rms
+        x32 = x.float()
+        normed = x32 * inv_rms
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad * normed.to(x.dtype)).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype)
+            grad_weight = (grad * normed.to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_normed = (grad * weight).float()
-            mean = (grad_normed * normed).mean(-1, keepdim=True)
-            grad_x = (inv_rms * (grad_normed - normed * mean)).to(x.dtype)
+            grad_normed = (grad * weight).to(x.dtype).float()  # the cast normed is in x.dtype
+            grad_inv_rms = (grad_normed * x32).sum(-1, keepdim=True)
+            grad_mean_sq = -0.5 * grad_inv_rms * inv_rms.pow(3)
+            grad_sq = grad_mean_sq.expand_as(x32) / x32.shape[-1]
+            grad_x = (grad_normed * inv_rms + grad_sq * (2 * x32)).to(x.dtype)
         return grad_x, grad_weight, None
 
 

@@ -1,6 +1,6 @@
 """The lean RMSNorm (models/norm.py) and SwiGLU product (models/ffn/swiglu.py) against the plain
-ops under autograd: the same outputs bit for bit; gradients to rounding (the norm) or bit for bit
-(the product), in fp32 and bf16."""
+ops under autograd: the same outputs and gradients, bit for bit, in fp32 and bf16 (their backward
+runs the ops autograd runs, on recomputed intermediates)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ def plain(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_lean_norm_equals_the_plain_ops(dtype, tol):
-    g = torch.Generator().manual_seed(0)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lean_norm_equals_the_plain_ops(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
     x = (3 * torch.randn(4, 7, 64, generator=g)).to(dtype).requires_grad_()
     norm = RMSNorm(64, 1e-5)
     with torch.no_grad():
@@ -30,8 +31,7 @@ def test_lean_norm_equals_the_plain_ops(dtype, tol):
     grad = torch.randn(ref.shape, generator=g).to(ref.dtype)
     out.backward(grad)
     ref.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
-    torch.testing.assert_close(norm.weight.grad, weight.grad, rtol=tol, atol=tol * 10)
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(norm.weight.grad, weight.grad)
     assert x.grad.dtype == dtype and norm.weight.grad.dtype == torch.float32
 
 
