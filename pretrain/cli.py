@@ -22,8 +22,7 @@ from data.preprocess import PreprocessError
 from data.readers import InputError
 from data.tokenizer import TokenizerError
 from pretrain.errors import CheckpointError, ReportError, TrainingError
-from pretrain.commands import add_run_commands
-from pretrain.matformer import add_matformer_commands
+from pretrain.commands import add_matformer_commands, add_run_commands
 from models.configtree import ConfigError
 from tools.scaling.cli import add_scaling_commands
 

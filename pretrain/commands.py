@@ -1,4 +1,5 @@
-"""``pretrain train | generate | export | report``."""
+"""``pretrain train | generate | export | report | matformer``: argument parsing only; each
+command imports what it runs (so ``pretrain data`` does not load torch)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,44 @@ def _export(args) -> int:
     from pretrain.export import export_main
 
     return export_main(args.checkpoint, args.output, args.dtype)
+
+
+def add_matformer_commands(commands) -> None:
+    matformer = commands.add_parser("matformer", help="extract or sweep the nested models of a MatFormer checkpoint")
+    sub = matformer.add_subparsers(dest="matformer_command", required=True, metavar="ACTION")
+    extract = sub.add_parser("extract", help="write a standalone model of chosen FFN widths")
+    extract.add_argument("--checkpoint", required=True, help="a checkpoint directory or a checkpoints/ root (latest)")
+    which = extract.add_mutually_exclusive_group(required=True)
+    which.add_argument("--granularity", type=int, help="one FFN width for every MatFormer layer")
+    which.add_argument("--per-layer", help="one width per MatFormer layer, comma-separated (Mix'n'Match)")
+    extract.add_argument("--output", required=True, help="output directory (checkpoints/ and, for one width, hf/)")
+    extract.set_defaults(run=_extract)
+    sweep = sub.add_parser("sweep", help="validation loss vs parameters of Mix'n'Match choices")
+    sweep.add_argument("--checkpoint", required=True)
+    sweep.add_argument(
+        "--choices", default=None,
+        help="';'-separated choices, each one width or a comma-separated per-layer list; "
+        "default: every uniform width and monotone (non-decreasing with depth) mixes",
+    )
+    sweep.add_argument("--output", required=True, help="output directory")
+    sweep.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's)")
+    sweep.set_defaults(run=_sweep)
+
+
+def _extract(args) -> int:
+    from pretrain.matformer import extract_main, parse_widths
+
+    per_layer = parse_widths(args.per_layer) if args.per_layer else None
+    out = extract_main(args.checkpoint, args.output, args.granularity, per_layer)
+    print(f"wrote {out}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from pretrain.matformer import parse_widths, sweep_main
+
+    choices = [parse_widths(c) for c in args.choices.split(";")] if args.choices else None
+    rows = sweep_main(args.checkpoint, args.output, choices, args.batches)
+    for r in sorted(rows, key=lambda r: r["params"]):
+        print(f"{','.join(map(str, r['widths']))}: {r['params']:,} parameters, valid loss {r['valid_loss']:.4f}")
+    return 0

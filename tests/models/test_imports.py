@@ -24,3 +24,14 @@ def test_models_import_nothing_from_the_trainer_or_the_tools():
     assert len(files) > 10
     offenders = {str(f.relative_to(MODELS)): imported_packages(f) & {"pretrain", "tools"} for f in files}
     assert {f: packages for f, packages in offenders.items() if packages} == {}
+
+
+def test_the_command_line_parses_without_loading_torch():
+    """``pretrain data ...`` and ``--help`` start fast: building the parser imports no torch
+    (each command imports what it runs)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pretrain.cli; pretrain.cli.build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
