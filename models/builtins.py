@@ -4,4 +4,5 @@ imports it on the first lookup)."""
 import models.attention.layer  # noqa: F401
 import models.decoder  # noqa: F401
 import models.ffn.matformer  # noqa: F401
+import models.ffn.moe  # noqa: F401
 import models.ffn.swiglu  # noqa: F401

@@ -41,10 +41,13 @@ class ForwardContext:
       ``attention_key`` (models/attention/layer.py);
     - ``segments``: document ids [B, S] of packed rows (for mixers that must not carry state
       across documents), or None;
-    - ``state``: the decode state when generating, else None.
+    - ``state``: the decode state when generating, else None;
+    - ``token_ids``: the input token ids [B, S] where the model embedded them (its first
+      pipeline stage), else None (routers that map token ids to experts read them).
     """
 
     rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     attention: dict[Any, Any] = field(default_factory=dict)
     segments: torch.Tensor | None = None
     state: DecodeState | None = None
+    token_ids: torch.Tensor | None = None

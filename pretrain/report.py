@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from pretrain.errors import ReportError
@@ -99,6 +100,11 @@ def _plotted_keys(runs: list[list[dict]]) -> list[str]:
     return [k for k in KNOWN if k in present] + extra
 
 
+def _file_name(key: str) -> str:
+    """A metric's plot file name: module metrics (``layers.0.ffn.routed/max_load``) hold a '/'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+
+
 def write_report(run_dirs: list[Path], output: Path) -> list[Path]:
     """Write ``summary.md`` and one PNG per metric into ``output``; return the files written."""
     import matplotlib
@@ -124,7 +130,7 @@ def write_report(run_dirs: list[Path], output: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = output / f"{key.replace('/', '--')}.png"  # per-pass and per-module metrics hold '/'
+        path = output / f"{_file_name(key)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)

@@ -124,6 +124,7 @@ class Decoder(nn.Module):
             attention=prepare_self_attention(mixers, seq, past, doc_ids, h.device),
             segments=doc_ids,
             state=state,
+            token_ids=input_ids if self.embed is not None else None,
         )
         for block in self.layers.values():
             h = block(h, ctx)
