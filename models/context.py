@@ -43,7 +43,9 @@ class ForwardContext:
       across documents), or None;
     - ``state``: the decode state when generating, else None;
     - ``token_ids``: the input token ids [B, S] where the model embedded them (its first
-      pipeline stage), else None (routers that map token ids to experts read them).
+      pipeline stage), else None (routers that map token ids to experts read them);
+    - ``shared_kv``: keys and values [B, Hkv, Sk, D] that several layers attend to (YOCO's one
+      global K,V for its cross-decoder), or None.
     """
 
     rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -51,3 +53,4 @@ class ForwardContext:
     segments: torch.Tensor | None = None
     state: DecodeState | None = None
     token_ids: torch.Tensor | None = None
+    shared_kv: tuple[torch.Tensor, torch.Tensor] | None = None
