@@ -88,6 +88,9 @@ class YocoConfig(ModelConfig):
         return sizes
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
-        if pp > 1:
-            return ["parallel.pp > 1 is not supported by the yoco family yet (its stages would carry the global K,V)"]
+        if pp > 1 and self.tie_embeddings:
+            return [
+                "model.tie_embeddings cannot be used with parallel.pp > 1: the embedding and the head live on "
+                "different pipeline stages"
+            ]
         return []

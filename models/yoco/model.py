@@ -131,7 +131,7 @@ class Yoco(nn.Module):
         return {"embed": VocabEmbedding(), "kv_norm": Tokenwise(), "norm": Tokenwise(), "head": VocabHead()}
 
     def tie_weights(self) -> None:
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.embed is not None and self.head is not None:
             self.head.weight = self.embed.weight
 
     @torch.no_grad()
@@ -139,14 +139,17 @@ class Yoco(nn.Module):
         self.tie_weights()
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
-        nn.init.normal_(self.embed.weight, std=std)
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, std=std)
         for block in [*self.self_layers.values(), *self.cross_layers.values()]:
             block.init_weights(std, out_std)
-        self.kv_norm.reset_parameters()
-        nn.init.normal_(self.kv.wk.weight, std=std)
-        nn.init.normal_(self.kv.wv.weight, std=std)
-        self.norm.reset_parameters()
-        if not self.config.tie_embeddings:
+        if self.kv is not None:
+            self.kv_norm.reset_parameters()
+            nn.init.normal_(self.kv.wk.weight, std=std)
+            nn.init.normal_(self.kv.wv.weight, std=std)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.head is not None and not self.config.tie_embeddings:
             nn.init.normal_(self.head.weight, std=std)
 
     # ----------------------------------------------------------- generation
@@ -157,16 +160,28 @@ class Yoco(nn.Module):
         layers[GLOBAL_KV] = KVCache(batch, self.config.cross.n_kv_heads, self.head_dim, max_len, dtype, device)
         return DecodeState(layers, max_len)
 
+    @property
+    def boundary_residual(self) -> tuple[bool, ...] | None:
+        """Which inputs of a pipeline stage are the residual stream (sequence-sharded under SP):
+        a stage that starts in the cross-decoder receives (hidden, K, V)."""
+        return (True, False, False) if self.embed is None and self.kv is None else None
+
     # -------------------------------------------------------------- forward
     def forward(
         self,
         input_ids: torch.Tensor,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         state: DecodeState | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, S, vocab] (a prefill with a state: [B, 1, vocab], see the module doc)."""
-        h = self.embed(input_ids)
+    ):
+        """Logits [B, S, vocab] (a prefill with a state: [B, 1, vocab], see the module doc).
+
+        A pipeline stage (modules of other stages removed) takes what the previous one returned:
+        hidden states [B, S, d] while inside the self-decoder, then (hidden, K, V); it returns
+        the same until the head."""
+        h = self.embed(input_ids) if self.embed is not None else input_ids
         batch, seq = h.shape[:2]
         past = state.length if state is not None else 0
         if past + seq > self.config.max_seq_len:
@@ -184,17 +199,23 @@ class Yoco(nn.Module):
         )
         for block in self.self_layers.values():
             h = block(h, ctx)
-        k, v = self.kv(self.kv_norm(h), *rope[self.head_dim])
-        if state is not None:
-            k, v = state.layers[GLOBAL_KV].append(k, v)
-            state.advance(seq)
+        if self.kv is not None:
+            k, v = self.kv(self.kv_norm(h), *rope[self.head_dim])
+            if state is not None:
+                k, v = state.layers[GLOBAL_KV].append(k, v)
+                state.advance(seq)
+        if k is None:  # a stage that ends inside the self-decoder
+            return h
         if state is not None and past == 0 and seq > 1:  # prefill: early exit for all but the last
             h = h[:, -1:]
             rope = {d: (cos[:, -1:], sin[:, -1:]) for d, (cos, sin) in rope.items()}
-        cross = next(iter(self.cross_layers.values())).mixer
-        spec = AttentionSpec(causal=True, segments=doc_ids)
-        prepared = {cross.attention_key: cross.backend.prepare(spec, h.shape[1], k.shape[2], h.device)}
-        ctx = dataclasses.replace(ctx, rope=rope, attention=prepared, shared_kv=(k, v))
-        for block in self.cross_layers.values():
-            h = block(h, ctx)
+        if self.cross_layers:
+            cross = next(iter(self.cross_layers.values())).mixer
+            spec = AttentionSpec(causal=True, segments=doc_ids)
+            prepared = {cross.attention_key: cross.backend.prepare(spec, h.shape[1], k.shape[2], h.device)}
+            ctx = dataclasses.replace(ctx, rope=rope, attention=prepared, shared_kv=(k, v))
+            for block in self.cross_layers.values():
+                h = block(h, ctx)
+        if self.head is None:  # to the next pipeline stage (point-to-point sends need contiguous tensors)
+            return h, k.contiguous(), v.contiguous()
         return self.head(self.norm(h))

@@ -1,8 +1,11 @@
-"""YOCO trains under TP2, TP2+SP, FSDP2, DDP2 and TP2×FSDP2 with the losses of an independent
-single-process loop to 1e-5 (the global K/V projections and the cross-decoder's query heads are
-sharded by head under TP)."""
+"""YOCO trains under TP2, TP2+SP, FSDP2, DDP2, TP2×FSDP2 and PP2 (cut where the global K,V is
+made, and inside the cross-decoder: the stage boundary carries hidden, K, V), also PP2×TP2+SP,
+with the losses of an independent single-process loop to 1e-5 (the global K/V projections and
+the cross-decoder's query heads are sharded by head under TP)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
@@ -18,23 +21,32 @@ YOCO = YocoConfig(
     vocab_size=256, d_model=64, n_layers=4, max_seq_len=32, mixer=AttentionConfig(n_heads=4, n_kv_heads=2, window=8),
     cross=CrossAttentionConfig(n_heads=4, n_kv_heads=2), ffn=SwiGLUConfig(d_ff=128),
 )
+# 6 blocks, 2 in the self-decoder: two pipeline stages of 3 cut inside the cross-decoder.
+YOCO6 = dataclasses.replace(YOCO, n_layers=6, self_layers=2)
+CONFIGS = {"yoco": YOCO, "yoco6": YOCO6}
 LAYOUTS = {
     2: {"tp2": (dict(tp=2, sp=False), 2), "tp2_sp": (dict(tp=2, sp=True), 2), "fsdp2": (dict(), 2),
-        "ddp2": (dict(dp_replicate=2, dp_shard=1), 2)},
-    4: {"tp2_fsdp2": (dict(tp=2), 2)},
+        "ddp2": (dict(dp_replicate=2, dp_shard=1), 2), "pp2_at_kv": (dict(pp=2, pp_schedule="1f1b"), 2),
+        "pp2_in_cross": (dict(pp=2, pp_schedule="1f1b"), 2, "yoco6")},
+    4: {"tp2_fsdp2": (dict(tp=2), 2), "pp2_tp2_sp_in_cross": (dict(pp=2, tp=2, sp=True), 1, "yoco6")},
 }
 CASES = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
 
 
 def train(rank: int, world: int) -> dict:
-    return train_layouts(rank, world, LAYOUTS[world], STEPS, model_config=YOCO)
+    results = {}
+    for name, (fields, micro, *config) in LAYOUTS[world].items():
+        model = CONFIGS[config[0] if config else "yoco"]
+        results.update(train_layouts(rank, world, {name: (fields, micro)}, STEPS, model_config=model))
+    return results
 
 
 @pytest.fixture(scope="module")
 def reference():
-    history = reference_run(STEPS, micro=2, model_config=YOCO)
-    assert history[-1][0] < history[0][0] - 0.05, history
-    return history
+    histories = {name: reference_run(STEPS, micro=2, model_config=config) for name, config in CONFIGS.items()}
+    for history in histories.values():
+        assert history[-1][0] < history[0][0] - 0.05, history
+    return histories
 
 
 @pytest.fixture(scope="module")
@@ -53,4 +65,5 @@ def launched():
 def test_yoco_layout_matches_one_process(world, name, reference, launched):
     per_rank = [result[name] for result in launched(world)]
     assert all(history == per_rank[0] for history in per_rank), "ranks disagree on the reported loss"
-    check(per_rank[0], reference)
+    config = LAYOUTS[world][name][2] if len(LAYOUTS[world][name]) > 2 else "yoco"
+    check(per_rank[0], reference[config])
