@@ -90,6 +90,17 @@ class DecoderConfig(ModelConfig):
             sizes.update(ffn.tp_sizes(self._where(i, "ffn"), self.d_model))
         return sizes
 
+    def decode_cache_bytes(self, batch: int, length: int, element_bytes: int = 2) -> int:
+        """Bytes of the decode state after ``length`` positions (caches sized for ``length``):
+        per full-attention layer K and V for every position, per sliding-window layer (window
+        W < length) for the last W − 1."""
+        total = 0
+        for mixer in self.layers().mixers:
+            per_position = 2 * mixer.n_kv_heads * mixer.resolved_head_dim(self.d_model) * element_bytes * batch
+            window = mixer.window
+            total += per_position * (length if window is None or window >= length else window - 1)
+        return total
+
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         if pp > 1 and self.tie_embeddings:
             return [

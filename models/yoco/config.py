@@ -87,6 +87,17 @@ class YocoConfig(ModelConfig):
         sizes.update(self.ffn.tp_sizes("model.ffn", self.d_model))
         return sizes
 
+    def decode_cache_bytes(self, batch: int, length: int, element_bytes: int = 2) -> int:
+        """Bytes of the decode state after ``length`` positions (caches sized for ``length``):
+        the one global K,V for every position, plus per self-decoder layer K and V of the last
+        W − 1 positions (all of them without a window, or a window ≥ length)."""
+        head_dim = self.d_model // self.cross.n_heads
+        total = 2 * self.cross.n_kv_heads * head_dim * element_bytes * batch * length
+        mixer = self.mixer
+        per_position = 2 * mixer.n_kv_heads * mixer.resolved_head_dim(self.d_model) * element_bytes * batch
+        kept = length if mixer.window is None or mixer.window >= length else mixer.window - 1
+        return total + self.n_self * per_position * kept
+
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         if pp > 1 and self.tie_embeddings:
             return [

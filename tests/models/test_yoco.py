@@ -145,3 +145,34 @@ def test_cache_bytes_grow_by_one_kv_per_token():
     global_kv = 24 * 2 * 8 * 2 * 4 * 3
     windows = 2 * (6 - 1) * 2 * 8 * 2 * 4 * 3
     assert state.nbytes() == global_kv + windows
+
+
+@pytest.mark.parametrize("family", ["yoco", "decoder"])
+@pytest.mark.parametrize("length", [4, 16])
+def test_decode_cache_bytes_formula_is_the_state_measured(family, length):
+    """``decode_cache_bytes`` against the bytes the caches hold after a prefill (fp32), for
+    YOCO and for a decoder with a windowed and a full layer."""
+    from models.config import LayerOverride
+    from models.decoder.config import DecoderConfig
+
+    if family == "yoco":
+        config = CONFIG
+    else:
+        config = DecoderConfig(vocab_size=97, d_model=32, n_layers=2, max_seq_len=32,
+                               mixer=AttentionConfig(n_heads=4, n_kv_heads=2, window=6),
+                               layer_overrides=[LayerOverride(layers=[1], mixer={"window": None})])
+    model = model_of(config)
+    state = model.new_decode_state(2, length, torch.float32, "cpu")
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, length), generator=torch.Generator().manual_seed(5)), state=state)
+    assert state.nbytes() == config.decode_cache_bytes(2, length, element_bytes=4)
+
+
+def test_yoco_1b_preset_counts():
+    """yoco-1b = the 1b decoder without its 8 cross-decoder layers' K/V projections, plus the
+    one global K/V pair and its norm (exact parameter count)."""
+    from pretrain.config import load_config
+
+    decoder, yoco = load_config("1b").model, load_config("yoco-1b").model
+    d, kv = 2048, 8 * 64
+    assert param_counts(yoco).total == param_counts(decoder).total - 8 * 2 * d * kv + 2 * d * kv + d
