@@ -47,14 +47,20 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> torch.Tensor:
     """Extend ``prompt`` [B, P] (equal-length prompts) by up to ``max_new_tokens``; returns
     [B, P + n]. Rows that emitted ``eos_id`` continue with ``eos_id``; generation stops early
-    once every row has."""
+    once every row has. ``prefill_chunk``: feed a long prompt in chunks of this many tokens
+    (bounded activation memory; the same tokens)."""
     batch, prompt_len = prompt.shape
     weight = next(model.parameters())
     state = model.new_decode_state(batch, prompt_len + max_new_tokens, weight.dtype, prompt.device)
-    logits = model(prompt, state=state)[:, -1]
+    step = prefill_chunk or prompt_len
+    if step < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    for start in range(0, prompt_len, step):
+        logits = model(prompt[:, start : start + step], state=state)[:, -1]
     tokens = [prompt]
     done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     for step in range(max_new_tokens):

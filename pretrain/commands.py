@@ -28,6 +28,7 @@ def add_run_commands(commands) -> None:
         help="MatFormer: greedy self-speculative decoding with the nested sub-model of this FFN width as the draft",
     )
     gen.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
+    gen.add_argument("--prefill-chunk", type=int, default=None, help="feed the prompt in chunks of this many tokens")
     gen.set_defaults(run=_generate)
 
     export = commands.add_parser("export", help="consolidate a checkpoint's weights into one safetensors file")

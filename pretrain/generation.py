@@ -72,7 +72,7 @@ def generate_main(args) -> int:
         with torch.no_grad():
             out = generate(
                 model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, generator=generator, eos_id=tokenizer.eos_id,
+                top_p=args.top_p, generator=generator, eos_id=tokenizer.eos_id, prefill_chunk=args.prefill_chunk,
             )
     new = out[0, len(ids):].tolist()
     if tokenizer.eos_id in new:

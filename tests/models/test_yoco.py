@@ -176,3 +176,17 @@ def test_yoco_1b_preset_counts():
     decoder, yoco = load_config("1b").model, load_config("yoco-1b").model
     d, kv = 2048, 8 * 64
     assert param_counts(yoco).total == param_counts(decoder).total - 8 * 2 * d * kv + 2 * d * kv + d
+
+
+@pytest.mark.parametrize("family", ["yoco", "decoder"])
+def test_chunked_prefill_generates_the_same_tokens(family):
+    from models.decoder.config import DecoderConfig
+    from models.generate import generate
+
+    config = CONFIG if family == "yoco" else DecoderConfig(
+        vocab_size=97, d_model=32, n_layers=2, max_seq_len=32, mixer=AttentionConfig(n_heads=4, n_kv_heads=2, window=6))
+    model = model_of(config)
+    prompt = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(6))
+    whole = generate(model, prompt, 10)
+    for chunk in (1, 4, 5):
+        assert torch.equal(generate(model, prompt, 10, prefill_chunk=chunk), whole), chunk
