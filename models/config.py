@@ -178,3 +178,13 @@ def resolve_layers(
             if override.ffn is not None:
                 ffns[layer] = override_config(ffns[layer], override.ffn, FFNConfig, f"{key}.ffn")
     return LayerKinds(mixers, ffns)
+
+
+def tied_pipeline_errors(config, pp: int) -> list[str]:
+    """A tied head cannot be split from its embedding across pipeline stages."""
+    if pp > 1 and config.tie_embeddings:
+        return [
+            "model.tie_embeddings cannot be used with parallel.pp > 1: the embedding and the head live on "
+            "different pipeline stages"
+        ]
+    return []

@@ -54,3 +54,21 @@ class ForwardContext:
     state: DecodeState | None = None
     token_ids: torch.Tensor | None = None
     shared_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def forward_positions(
+    h: torch.Tensor, max_seq_len: int, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None,
+    state: DecodeState | None,
+) -> tuple[int, torch.Tensor]:
+    """(positions already in ``state``, the position ids [B, S] of hidden states ``h`` [B, S, d])
+    for a language model's forward: positions default to the ones after the state's; raises on a
+    sequence beyond ``max_seq_len`` and on document ids with a decode state."""
+    batch, seq = h.shape[:2]
+    past = state.length if state is not None else 0
+    if past + seq > max_seq_len:
+        raise ValueError(f"sequence of {past + seq} positions exceeds model.max_seq_len={max_seq_len}")
+    if doc_ids is not None and state is not None:
+        raise ValueError("doc_ids with a decode state are not supported: decode one document per row")
+    if position_ids is None:
+        position_ids = torch.arange(past, past + seq, device=h.device).expand(batch, seq)
+    return past, position_ids

@@ -9,6 +9,7 @@ from typing import ClassVar
 from models.attention.layer import AttentionConfig
 from models.config import (
     FFNConfig, LayerKinds, LayerOverride, MixerConfig, ModelConfig, resolve_layers, select_layers,
+    tied_pipeline_errors,
 )
 from models.configtree import ConfigError
 from models.ffn.swiglu import SwiGLUConfig
@@ -102,9 +103,4 @@ class DecoderConfig(ModelConfig):
         return total
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
-        if pp > 1 and self.tie_embeddings:
-            return [
-                "model.tie_embeddings cannot be used with parallel.pp > 1: the embedding and the head live on "
-                "different pipeline stages"
-            ]
-        return []
+        return tied_pipeline_errors(self, pp)

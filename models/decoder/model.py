@@ -24,7 +24,7 @@ from torch import nn
 
 from models.attention.layer import prepare_self_attention
 from models.block import Block
-from models.context import DecodeState, ForwardContext
+from models.context import DecodeState, ForwardContext, forward_positions
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Tokenwise, VocabEmbedding, VocabHead
@@ -110,13 +110,7 @@ class Decoder(nn.Module):
         """
         h = self.embed(input_ids) if self.embed is not None else input_ids
         batch, seq = h.shape[:2]
-        past = state.length if state is not None else 0
-        if past + seq > self.config.max_seq_len:
-            raise ValueError(f"sequence of {past + seq} positions exceeds model.max_seq_len={self.config.max_seq_len}")
-        if doc_ids is not None and state is not None:
-            raise ValueError("doc_ids with a decode state are not supported: decode one document per row")
-        if position_ids is None:
-            position_ids = torch.arange(past, past + seq, device=h.device).expand(batch, seq)
+        past, position_ids = forward_positions(h, self.config.max_seq_len, position_ids, doc_ids, state)
         mixers = [block.mixer for block in self.layers.values()]
         head_dims = {m.head_dim for m in mixers if hasattr(m, "head_dim")}
         ctx = ForwardContext(

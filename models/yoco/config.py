@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.attention.layer import AttentionConfig
-from models.config import FFNConfig, LayerKinds, MixerConfig, ModelConfig
+from models.config import FFNConfig, LayerKinds, MixerConfig, ModelConfig, tied_pipeline_errors
 from models.ffn.swiglu import SwiGLUConfig
 
 
@@ -99,9 +99,4 @@ class YocoConfig(ModelConfig):
         return total + self.n_self * per_position * kept
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
-        if pp > 1 and self.tie_embeddings:
-            return [
-                "model.tie_embeddings cannot be used with parallel.pp > 1: the embedding and the head live on "
-                "different pipeline stages"
-            ]
-        return []
+        return tied_pipeline_errors(self, pp)

@@ -29,7 +29,7 @@ from models.attention.cache import KVCache
 from models.attention.layer import prepare_self_attention
 from models.attention.spec import AttentionSpec
 from models.block import Block
-from models.context import DecodeState, ForwardContext
+from models.context import DecodeState, ForwardContext, forward_positions
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Colwise, GatherInputs, Rowwise, Tokenwise, VocabEmbedding, VocabHead
@@ -183,13 +183,7 @@ class Yoco(nn.Module):
         the same until the head."""
         h = self.embed(input_ids) if self.embed is not None else input_ids
         batch, seq = h.shape[:2]
-        past = state.length if state is not None else 0
-        if past + seq > self.config.max_seq_len:
-            raise ValueError(f"sequence of {past + seq} positions exceeds model.max_seq_len={self.config.max_seq_len}")
-        if doc_ids is not None and state is not None:
-            raise ValueError("doc_ids with a decode state are not supported: decode one document per row")
-        if position_ids is None:
-            position_ids = torch.arange(past, past + seq, device=h.device).expand(batch, seq)
+        past, position_ids = forward_positions(h, self.config.max_seq_len, position_ids, doc_ids, state)
         mixers = [block.mixer for block in self.self_layers.values()]
         head_dims = {m.head_dim for m in mixers} | {self.head_dim}
         rope = {d: rope_tables(position_ids, d, self.config.rope_theta, h.dtype) for d in head_dims}

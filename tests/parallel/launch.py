@@ -49,3 +49,16 @@ def run_ranks(world: int, fn, *args) -> list:
             _worker, args=(world, free_port(), out_dir, fn, args), nprocs=world, start_method="forkserver"
         )
         return [torch.load(Path(out_dir) / f"{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def launches_by_world(fn, *args):
+    """``results(world)``: ``run_ranks(world, fn, *args)``, launched once per world size (for a
+    module fixture whose tests each read one layout of a launch)."""
+    cache: dict[int, list] = {}
+
+    def results(world: int) -> list:
+        if world not in cache:
+            cache[world] = run_ranks(world, fn, *args)
+        return cache[world]
+
+    return results

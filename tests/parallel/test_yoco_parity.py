@@ -12,7 +12,7 @@ import pytest
 from models.attention.layer import AttentionConfig
 from models.ffn.swiglu import SwiGLUConfig
 from models.yoco import CrossAttentionConfig, YocoConfig
-from tests.parallel.launch import run_ranks
+from tests.parallel.launch import launches_by_world
 from tests.parallel.test_parity import check
 from tests.parallel.workloads import reference_run, train_layouts
 
@@ -51,14 +51,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def launched():
-    cache = {}
-
-    def results(world: int) -> list[dict]:
-        if world not in cache:
-            cache[world] = run_ranks(world, train)
-        return cache[world]
-
-    return results
+    return launches_by_world(train)
 
 
 @pytest.mark.parametrize("world, name", CASES, ids=[name for _, name in CASES])
