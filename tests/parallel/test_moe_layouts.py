@@ -1,6 +1,8 @@
 """An MoE decoder (a dense first block, routed experts with a capacity, a shared expert) trained
 under tensor parallelism (with and without sequence parallelism), FSDP2 and a 2-stage pipeline
-equals one process: losses, gradient norms and the routing metrics.
+equals one process: losses, gradient norms and the routing metrics. A DeepSeek-style decoder
+(sigmoid_bias, group-limited, aux-loss-free bias) trained under FSDP2, saved, and resumed under
+TP2+SP equals one process that updates the bias by hand, and its bias comes back bit-exactly.
 
 The reference is the plain single-process loop of tests/parallel/workloads.py with each MoE
 layer's auxiliary-loss weight set by hand to the micro-batch's share of the global batch."""
@@ -8,14 +10,18 @@ layer's auxiliary-loss weight set by hand to the micro-batch's share of the glob
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 
 import pytest
+import torch
 
 from models.ffn.moe import MoEConfig
 from models.ffn.moe.layer import RoutedExperts
-from tests.parallel.launch import run_ranks
-from tests.parallel.workloads import TINY, ParallelTraining, decoder_loss, reference_run
+from pretrain.checkpoint import CheckpointManager
+from pretrain.names import clean_key
 from pretrain.parallel.config import ParallelConfig
+from tests.parallel.launch import run_ranks
+from tests.parallel.workloads import GLOBAL_BATCH, SEED, TINY, ParallelTraining, decoder_loss, reference_run
 
 MOE = dataclasses.replace(
     TINY,
@@ -80,3 +86,74 @@ def test_layouts_report_the_same_routing(trained):
     assert max(reference[f"layers.{i}.ffn.routed/dropped"] for i in (1, 2, 3)) > 0  # the capacity binds
     for name in LAYOUTS:
         assert trained[0][name][1] == pytest.approx(reference, rel=1e-5, abs=1e-7), name
+
+
+# ----------------------------------------------------------------------------- aux-loss-free bias
+
+BIASED = dataclasses.replace(
+    TINY,
+    ffn=MoEConfig(
+        n_experts=4, top_k=2, d_ff=32, router="sigmoid_bias", n_groups=2, topk_groups=1, bias_update_rate=0.01,
+        aux_loss_coef=0.0, z_loss_coef=0.01,
+    ),
+)
+
+
+def biased_reference(steps: int) -> tuple[list, list[dict]]:
+    """One process; before each step's first micro-batch, the previous step's post-step hook
+    (the loads of all its micro-batches; one rank: no reduction). Returns the history and the
+    biases after each step's update."""
+    biases: list[dict] = []
+    calls = [0]
+
+    def step_loss(model, mb, tokens, share):
+        routed = {clean_key(n): m for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
+        if calls[0] and calls[0] % (GLOBAL_BATCH // MICRO) == 0:
+            for module in routed.values():
+                module.post_step(lambda t, op="sum": t)
+            biases.append({n: m.router.bias.clone() for n, m in routed.items()})
+        calls[0] += 1
+        return moe_loss(model, mb, tokens, share)
+
+    return reference_run(steps, MICRO, model_config=BIASED, step_loss=step_loss), biases
+
+
+def _biases(training: ParallelTraining) -> dict:
+    return {
+        clean_key(name).removesuffix(".router.bias"): buffer.clone()
+        for part in training.parts.parts
+        for name, buffer in part.named_buffers()
+        if name.endswith("router.bias")
+    }
+
+
+def save_then_resume(rank: int, world: int, directory: str) -> dict:
+    first = ParallelTraining(world, ParallelConfig(), MICRO, model_config=BIASED)
+    history = [first.step(step) for step in range(3)]
+    manager = CheckpointManager(directory, seed=SEED)
+    path = manager.save(3, first.parts.parts, first.optimizers, {"step": 3})
+    second = ParallelTraining(world, ParallelConfig(tp=2, sp=True), MICRO, model_config=BIASED)
+    fresh = _biases(second)
+    manager.load(path, second.parts.parts, second.optimizers)
+    restored = _biases(second)
+    history += [second.step(step) for step in range(3, 5)]
+    return {"history": history, "fresh": fresh, "restored": restored, "metrics": second.runner.module_metrics()}
+
+
+def test_aux_loss_free_bias_under_fsdp_then_resumed_under_tp_equals_one_process():
+    history, biases = biased_reference(6)  # step 6's first forward applies step 5's update
+    with tempfile.TemporaryDirectory() as directory:
+        results = run_ranks(2, save_then_resume, directory)
+    assert any(float(b.abs().max()) > 0 for b in biases[2].values())
+    for result in results:
+        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(result["history"], history[:5])):
+            assert loss == pytest.approx(ref_loss, abs=1e-5), f"step {step + 1}"
+            assert norm == pytest.approx(ref_norm, rel=1e-4), f"step {step + 1}"
+        assert all(float(b.abs().max()) == 0 for b in result["fresh"].values())
+        assert result["restored"].keys() == biases[2].keys() and len(biases[2]) == BIASED.n_layers
+        for name, bias in result["restored"].items():
+            assert torch.equal(bias, biases[2][name]), name  # the bias after 3 updates, bit-exact
+        for i in range(4):
+            key = f"layers.{i}.ffn.routed/bias_range"
+            final = biases[4][f"layers.{i}.ffn.routed"]
+            assert result["metrics"][key] == pytest.approx(float(final.max() - final.min()))

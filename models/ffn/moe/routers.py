@@ -47,7 +47,7 @@ class Routing:
 
 
 class RouterLogits(nn.Module):
-    """logits = x · Wᵀ in fp32 (W [E, d])."""
+    """logits = x · Wᵀ in fp32 (W [E, d]), also under autocast."""
 
     def __init__(self, d_model: int, n_experts: int):
         super().__init__()
@@ -57,7 +57,8 @@ class RouterLogits(nn.Module):
         nn.init.normal_(self.weight, std=init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
 
 
 class LearnedRouter(nn.Module):
