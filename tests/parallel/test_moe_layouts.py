@@ -99,7 +99,7 @@ BIASED = dataclasses.replace(
 )
 
 
-def biased_reference(steps: int) -> tuple[list, list[dict]]:
+def biased_reference(steps: int, config=BIASED) -> tuple[list, list[dict]]:
     """One process; before each step's first micro-batch, the previous step's post-step hook
     (the loads of all its micro-batches; one rank: no reduction). Returns the history and the
     biases after each step's update."""
@@ -111,11 +111,11 @@ def biased_reference(steps: int) -> tuple[list, list[dict]]:
         if calls[0] and calls[0] % (GLOBAL_BATCH // MICRO) == 0:
             for module in routed.values():
                 module.post_step(lambda t, op="sum": t)
-            biases.append({n: m.router.bias.clone() for n, m in routed.items()})
+            biases.append({n: m.router.bias.clone() for n, m in routed.items() if hasattr(m.router, "bias")})
         calls[0] += 1
         return moe_loss(model, mb, tokens, share)
 
-    return reference_run(steps, MICRO, model_config=BIASED, step_loss=step_loss), biases
+    return reference_run(steps, MICRO, model_config=config, step_loss=step_loss), biases
 
 
 def _biases(training: ParallelTraining) -> dict:
@@ -157,3 +157,37 @@ def test_aux_loss_free_bias_under_fsdp_then_resumed_under_tp_equals_one_process(
             key = f"layers.{i}.ffn.routed/bias_range"
             final = biases[4][f"layers.{i}.ffn.routed"]
             assert result["metrics"][key] == pytest.approx(float(final.max() - final.min()))
+
+
+# ----------------------------------------------------------------------------- compete and hash under TP
+
+ROUTERS = {
+    "compete": dataclasses.replace(
+        TINY, ffn=MoEConfig(n_experts=4, top_k=2, d_ff=32, router="compete", compete_every=2, aux_loss_coef=0.05)
+    ),
+    "hash": dataclasses.replace(
+        TINY,
+        ffn=MoEConfig(n_experts=4, top_k=1, d_ff=32, router="hash", hash_vocab_size=TINY.vocab_size, aux_loss_coef=0, z_loss_coef=0),
+    ),
+}
+
+
+def train_routers(rank: int, world: int) -> dict:
+    results = {}
+    for name, config in ROUTERS.items():
+        training = ParallelTraining(world, ParallelConfig(tp=2, sp=True), MICRO, model_config=config)
+        results[name] = [training.step(step) for step in range(3)]
+    return results
+
+
+def test_compete_and_hash_routers_under_tp2_sp_equal_one_process():
+    """compete: steps 1 and 3 run the competition (every expert on every token, replicated
+    DTensor experts), step 2 the router; hash: the token ids reach the experts through the
+    forward context on every TP rank."""
+    results = run_ranks(2, train_routers)
+    for name, config in ROUTERS.items():
+        history, _ = biased_reference(3, config)
+        for per_rank in results:
+            for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(per_rank[name], history)):
+                assert loss == pytest.approx(ref_loss, abs=1e-5), f"{name} step {step + 1}"
+                assert norm == pytest.approx(ref_norm, rel=1e-4), f"{name} step {step + 1}"
