@@ -140,3 +140,20 @@ def test_moe_tiny_trains_through_the_command_line(cache, tmp_path):
         assert last[f"layers.{layer}.ffn.routed/max_load"] >= 1.0 >= last[f"layers.{layer}.ffn.routed/min_load"]
         assert last[f"layers.{layer}.ffn.routed/dropped"] == 0.0  # dropless
     assert (run_dir / "report" / "layers.0.ffn.routed_max_load.png").is_file()
+
+
+def test_config_round_trips_and_moe_can_be_chosen_per_layer():
+    from models.configtree import to_dict
+
+    config = decoder(router="sigmoid_bias", n_groups=4, topk_groups=2, capacity_factor=1.25, bias_update_rate=1e-3)
+    assert ModelConfig.from_dict(to_dict(config)) == config
+    mixed = ModelConfig.from_dict({
+        "family": "decoder", "vocab_size": V, "d_model": D, "n_layers": 4, "max_seq_len": S,
+        "mixer": {"kind": "attention", "n_heads": H, "n_kv_heads": KV}, "ffn": {"kind": "swiglu", "d_ff": 64},
+        "layer_overrides": [{"layers": "1::2", "ffn": {"kind": "moe", "n_experts": 4, "top_k": 1, "d_ff": 16}}],
+    })
+    model = build_model(mixed)
+    assert [type(model.layers[str(i)].ffn).__name__ for i in range(4)] == ["SwiGLU", "MoE", "SwiGLU", "MoE"]
+    assert param_counts(mixed).total - param_counts(mixed).active == 2 * 3 * 3 * D * 16
+    with pytest.raises(ValueError, match=r"model.layer_overrides\[0\].ffn.top_k \(5\) exceeds"):
+        ModelConfig.from_dict({**to_dict(mixed), "layer_overrides": [{"layers": "1::2", "ffn": {"kind": "moe", "top_k": 5, "n_experts": 4}}]})
