@@ -1,6 +1,6 @@
 """An MoE decoder (a dense first block, routed experts with a capacity, a shared expert) trained
-under tensor parallelism (with and without sequence parallelism), FSDP2 and a 2-stage pipeline
-equals one process: losses, gradient norms and the routing metrics. A DeepSeek-style decoder
+under tensor parallelism (with and without sequence parallelism), FSDP2, a 2-stage pipeline and
+activation recomputation (full, and the selective ``op`` policy) equals one process: losses, gradient norms and the routing metrics. A DeepSeek-style decoder
 (sigmoid_bias, group-limited, aux-loss-free bias) trained under FSDP2, saved, and resumed under
 TP2+SP equals one process that updates the bias by hand, and its bias comes back bit-exactly.
 
@@ -36,6 +36,8 @@ LAYOUTS = {
     "tp2_sp": (dict(tp=2, sp=True), MICRO),
     "fsdp2": (dict(), MICRO),
     "pp2_1f1b": (dict(pp=2, pp_schedule="1f1b"), MICRO),
+    "fsdp2_full_recompute": (dict(), MICRO, "full"),
+    "tp2_sp_op_recompute": (dict(tp=2, sp=True), MICRO, "op"),
 }
 
 
@@ -48,8 +50,8 @@ def moe_loss(model, mb, tokens, share):
 
 def train(rank: int, world: int) -> dict:
     results = {}
-    for name, (fields, micro) in LAYOUTS.items():
-        training = ParallelTraining(world, ParallelConfig(**fields), micro, model_config=MOE)
+    for name, (fields, micro, *recompute) in LAYOUTS.items():
+        training = ParallelTraining(world, ParallelConfig(**fields), micro, *recompute, model_config=MOE)
         history = [training.step(step) for step in range(STEPS)]
         results[name] = (history, training.runner.module_metrics())
     return results
@@ -81,7 +83,7 @@ def test_moe_layout_matches_one_process(name, trained, expected):
 
 def test_layouts_report_the_same_routing(trained):
     """The last step's routing statistics (loads, drops, loss terms) of every layout are those of
-    the same model on the same global batch."""
+    the same model on the same global batch (recomputed forwards count twice: ratios unchanged)."""
     reference = trained[0]["fsdp2"][1]
     assert max(reference[f"layers.{i}.ffn.routed/dropped"] for i in (1, 2, 3)) > 0  # the capacity binds
     for name in LAYOUTS:
