@@ -179,15 +179,17 @@ def train_routers(rank: int, world: int) -> dict:
     for name, config in ROUTERS.items():
         training = ParallelTraining(world, ParallelConfig(tp=2, sp=True), MICRO, model_config=config)
         results[name] = [training.step(step) for step in range(3)]
+    training = ParallelTraining(world, ParallelConfig(pp=2, pp_schedule="1f1b"), MICRO, model_config=ROUTERS["hash"])
+    results["hash_pp2"] = [training.step(step) for step in range(3)]
     return results
 
 
 def test_compete_and_hash_routers_under_tp2_sp_equal_one_process():
     """compete: steps 1 and 3 run the competition (every expert on every token, replicated
     DTensor experts), step 2 the router; hash: the token ids reach the experts through the
-    forward context on every TP rank."""
+    forward context on every TP rank, and on the second stage of a pipeline (PP2)."""
     results = run_ranks(2, train_routers)
-    for name, config in ROUTERS.items():
+    for name, config in [*ROUTERS.items(), ("hash_pp2", ROUTERS["hash"])]:
         history, _ = biased_reference(3, config)
         for per_rank in results:
             for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(per_rank[name], history)):

@@ -144,8 +144,8 @@ class HashRouter(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
         if token_ids is None:
             raise ValueError(
-                "router hash needs the token ids, which only a model's first pipeline stage has: use another "
-                "router, or keep every hash-routed block on the first stage"
+                "router hash needs the token ids: the family must put them in the forward context "
+                "(ForwardContext.token_ids; the decoder does, on every pipeline stage)"
             )
         ids = token_ids.reshape(-1)
         if ids.numel() and int(ids.max()) >= self.table.numel():
