@@ -157,3 +157,27 @@ def test_config_round_trips_and_moe_can_be_chosen_per_layer():
     assert param_counts(mixed).total - param_counts(mixed).active == 2 * 3 * 3 * D * 16
     with pytest.raises(ValueError, match=r"model.layer_overrides\[0\].ffn.top_k \(5\) exceeds"):
         ModelConfig.from_dict({**to_dict(mixed), "layer_overrides": [{"layers": "1::2", "ffn": {"kind": "moe", "top_k": 5, "n_experts": 4}}]})
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "hash"])
+def test_cached_decoding_of_a_dropless_moe_decoder_equals_the_full_forward(router):
+    """Routing is per token, so prefill + one token at a time (with the KV cache) gives the
+    logits of one full forward; greedy generation equals repeated full forwards' argmax."""
+    from models.generate import generate
+
+    fields = {"router": router, "n_shared_experts": 1}
+    if router == "hash":
+        fields.update(top_k=1, hash_vocab_size=V, aux_loss_coef=0, z_loss_coef=0)
+    torch.manual_seed(0)
+    model = build_model(decoder(**fields)).eval()
+    tokens = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        state = model.new_decode_state(2, 12, torch.float32, "cpu")
+        parts = [model(tokens[:, :5], state=state)] + [model(tokens[:, i : i + 1], state=state) for i in range(5, 12)]
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        out = generate(model, tokens[:, :4], max_new_tokens=6)
+        sequence = tokens[:, :4]
+        for _ in range(6):
+            sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, sequence)
