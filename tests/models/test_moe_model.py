@@ -181,3 +181,21 @@ def test_cached_decoding_of_a_dropless_moe_decoder_equals_the_full_forward(route
         for _ in range(6):
             sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, sequence)
+
+
+def test_training_flops_match_flop_counter_mode():
+    """FlopCounterMode over one forward + backward of a dropless MoE decoder (per-expert loop,
+    math attention) counts what training_flops_per_token says: the router, exactly k experts' rows
+    per token and the shared expert, plus the math kernel's full S×S attention square (twice our
+    causal convention, as for dense models in test_counting.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = decoder(n_experts=4, top_k=2, d_ff=24, n_shared_experts=1, grouped_gemm=False, first_dense_layers=1, dense_d_ff=40)
+    config.mixer.backend = "math"
+    model = build_model(config)
+    batch = 2
+    tokens = torch.randint(0, V, (batch, S))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens).float().logsumexp(-1).sum().backward()
+    dense_attention_extra = 6 * L * D * S
+    assert counter.get_total_flops() == batch * S * (training_flops_per_token(config, S) + dense_attention_extra)
