@@ -99,6 +99,7 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         state: DecodeState | None = None,
+        token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, vocab] in the head's dtype (the model's dtype; fp32 for an fp32 model).
 
@@ -106,7 +107,9 @@ class Decoder(nn.Module):
         ``position_ids`` [B, S] default to 0..S-1 after the state's length; packed data passes
         positions restarting at each document. ``doc_ids`` [B, S] restrict attention to
         positions of the same document. ``state``: a decode state (``new_decode_state``) whose
-        positions precede these S tokens; it is extended by S.
+        positions precede these S tokens; it is extended by S. ``token_ids`` [B, S]: the token
+        ids for routers that read them (hash MoE routing), default ``input_ids`` where this
+        module embeds them; the spec passes them to every pipeline stage.
         """
         h = self.embed(input_ids) if self.embed is not None else input_ids
         batch, seq = h.shape[:2]
@@ -118,7 +121,7 @@ class Decoder(nn.Module):
             attention=prepare_self_attention(mixers, seq, past, doc_ids, h.device),
             segments=doc_ids,
             state=state,
-            token_ids=input_ids if self.embed is not None else None,
+            token_ids=token_ids if token_ids is not None or self.embed is None else input_ids,
         )
         for block in self.layers.values():
             h = block(h, ctx)

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.spec import ModelSpec, build_model, get_spec
+from pretrain.names import clean_key
 from pretrain.parallel.compile import apply_compile
 from pretrain.parallel.config import ParallelConfig
 from pretrain.parallel.fsdp import apply_fsdp
@@ -100,17 +101,23 @@ def build_parts(
 @torch.no_grad()
 def _init_from_full_copy(parts: list[nn.Module], model_config, seed: int) -> None:
     """Initialise a complete model on the CPU as one process would (seed, then init_weights)
-    and copy each part's entries (whole tensors, or this rank's shards of them) into it."""
+    and copy each part's entries (whole tensors, or this rank's shards of them) into it, and its
+    non-persistent buffers (not in a state dict, so ``to_empty`` left them uninitialised: e.g.
+    an MoE layer's statistics and hash table)."""
     with torch.device("meta"):
         full = build_model(model_config)
     full.to_empty(device="cpu")
     torch.manual_seed(seed)
     full.init_weights()
     values = full.state_dict()
+    buffers = dict(full.named_buffers())
     options = StateDictOptions(full_state_dict=True)
     for part in parts:
         keys = get_model_state_dict(part).keys()
         set_model_state_dict(part, {key: values[key] for key in keys}, options=options)
+        for name, buffer in part.named_buffers():
+            if clean_key(name) not in keys:
+                buffer.copy_(buffers[clean_key(name)])
 
 
 @torch.no_grad()

@@ -266,3 +266,15 @@ def test_statistics_ignore_evaluation_and_are_ratios_under_recomputation():
     layer(x)  # the same micro-batch counted twice (as a recomputed forward would be)
     layer.routed.post_step(IDENTITY)
     assert layer.routed.step_metrics(IDENTITY) == pytest.approx(once)
+
+
+def test_under_bf16_autocast_router_logits_stay_fp32_and_both_expert_paths_agree():
+    outputs = {}
+    for grouped in (True, False):
+        layer = moe(d=16, n_experts=4, top_k=2, d_ff=16, grouped_gemm=grouped)
+        x = torch.randn(2, 8, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.routed.router.gate(x).dtype == torch.float32
+            outputs[grouped] = layer(x)
+    assert outputs[True].dtype == outputs[False].dtype == torch.bfloat16
+    torch.testing.assert_close(outputs[True], outputs[False], atol=2e-2, rtol=2e-2)

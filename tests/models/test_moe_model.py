@@ -140,3 +140,62 @@ def test_moe_tiny_trains_through_the_command_line(cache, tmp_path):
         assert last[f"layers.{layer}.ffn.routed/max_load"] >= 1.0 >= last[f"layers.{layer}.ffn.routed/min_load"]
         assert last[f"layers.{layer}.ffn.routed/dropped"] == 0.0  # dropless
     assert (run_dir / "report" / "layers.0.ffn.routed_max_load.png").is_file()
+
+
+def test_config_round_trips_and_moe_can_be_chosen_per_layer():
+    from models.configtree import to_dict
+
+    config = decoder(router="sigmoid_bias", n_groups=4, topk_groups=2, capacity_factor=1.25, bias_update_rate=1e-3)
+    assert ModelConfig.from_dict(to_dict(config)) == config
+    mixed = ModelConfig.from_dict({
+        "family": "decoder", "vocab_size": V, "d_model": D, "n_layers": 4, "max_seq_len": S,
+        "mixer": {"kind": "attention", "n_heads": H, "n_kv_heads": KV}, "ffn": {"kind": "swiglu", "d_ff": 64},
+        "layer_overrides": [{"layers": "1::2", "ffn": {"kind": "moe", "n_experts": 4, "top_k": 1, "d_ff": 16}}],
+    })
+    model = build_model(mixed)
+    assert [type(model.layers[str(i)].ffn).__name__ for i in range(4)] == ["SwiGLU", "MoE", "SwiGLU", "MoE"]
+    assert param_counts(mixed).total - param_counts(mixed).active == 2 * 3 * 3 * D * 16
+    with pytest.raises(ValueError, match=r"model.layer_overrides\[0\].ffn.top_k \(5\) exceeds"):
+        ModelConfig.from_dict({**to_dict(mixed), "layer_overrides": [{"layers": "1::2", "ffn": {"kind": "moe", "top_k": 5, "n_experts": 4}}]})
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "hash"])
+def test_cached_decoding_of_a_dropless_moe_decoder_equals_the_full_forward(router):
+    """Routing is per token, so prefill + one token at a time (with the KV cache) gives the
+    logits of one full forward; greedy generation equals repeated full forwards' argmax."""
+    from models.generate import generate
+
+    fields = {"router": router, "n_shared_experts": 1}
+    if router == "hash":
+        fields.update(top_k=1, hash_vocab_size=V, aux_loss_coef=0, z_loss_coef=0)
+    torch.manual_seed(0)
+    model = build_model(decoder(**fields)).eval()
+    tokens = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        state = model.new_decode_state(2, 12, torch.float32, "cpu")
+        parts = [model(tokens[:, :5], state=state)] + [model(tokens[:, i : i + 1], state=state) for i in range(5, 12)]
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        out = generate(model, tokens[:, :4], max_new_tokens=6)
+        sequence = tokens[:, :4]
+        for _ in range(6):
+            sequence = torch.cat([sequence, model(sequence)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, sequence)
+
+
+def test_training_flops_match_flop_counter_mode():
+    """FlopCounterMode over one forward + backward of a dropless MoE decoder (per-expert loop,
+    math attention) counts what training_flops_per_token says: the router, exactly k experts' rows
+    per token and the shared expert, plus the math kernel's full S×S attention square (twice our
+    causal convention, as for dense models in test_counting.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = decoder(n_experts=4, top_k=2, d_ff=24, n_shared_experts=1, grouped_gemm=False, first_dense_layers=1, dense_d_ff=40)
+    config.mixer.backend = "math"
+    model = build_model(config)
+    batch = 2
+    tokens = torch.randint(0, V, (batch, S))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens).float().logsumexp(-1).sum().backward()
+    dense_attention_extra = 6 * L * D * S
+    assert counter.get_total_flops() == batch * S * (training_flops_per_token(config, S) + dense_attention_extra)

@@ -120,7 +120,7 @@ def test_hash_router_is_a_balanced_seeded_map_of_token_ids():
             e = int(by_hand[int(ids[b, t])])
             ref = ex.w2[e] @ (F.silu(ex.w1[e] @ x[b, t]) * (ex.w3[e] @ x[b, t]))
             torch.testing.assert_close(out[b, t], ref, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="router hash needs the token ids"):
+    with pytest.raises(ValueError, match="router hash needs the token ids: the family must put them in the forward context"):
         module(x)
     with pytest.raises(ValueError, match="set hash_vocab_size to model.vocab_size"):
         module(x, ForwardContext(token_ids=ids + vocab))

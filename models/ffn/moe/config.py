@@ -21,8 +21,6 @@ from typing import Literal
 
 from models.config import FFNConfig
 
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_bias", "hash", "compete")
-
 
 @dataclass
 class MoEConfig(FFNConfig):
@@ -47,10 +45,6 @@ class MoEConfig(FFNConfig):
     hash_seed: int = 0
     compete_every: int = 4
     compete_loss_coef: float = 5.0
-
-    @property
-    def dropless(self) -> bool:
-        return not self.capacity_factor
 
     def problems(self, prefix: str, d_model: int) -> list[str]:
         errors = []

@@ -11,6 +11,8 @@ the weights as [E, d, f] (a transposed view is fine) and ``offs`` = the cumulati
 (int32). It is used for plain tensors on CPU in fp32/bf16 whose rows are 16-byte aligned, and on
 CUDA in bf16 from compute capability 9.0; otherwise (DTensor weights under tensor parallelism,
 other dtypes or devices, torch.compile, where the fp32 meta kernel is missing) the loop runs.
+Under autocast the grouped GEMM's operands are cast to the autocast dtype first (autocast does
+not cover ``_grouped_mm``; the loop's products are autocast as usual).
 """
 
 from __future__ import annotations
@@ -91,8 +93,12 @@ class GroupedExperts(nn.Module):
         ``counts`` is a keyword argument, so a tensor-parallel wrapper leaves it a plain tensor."""
         if counts is None:
             return self._all_experts(x)
-        if self.grouped_gemm and grouped_mm_supported(x, self.w1, self.w3, self.w2):
-            return grouped_swiglu(x, self.w1, self.w3, self.w2, counts)
+        weights = (self.w1, self.w3, self.w2)
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not cover _grouped_mm: cast as it would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weights = x.to(dtype), tuple(w.to(dtype) for w in weights)
+        if self.grouped_gemm and grouped_mm_supported(x, *weights):
+            return grouped_swiglu(x, *weights, counts)
         return looped_swiglu(x, self.w1, self.w3, self.w2, counts.tolist())
 
     def _all_experts(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ class Routing:
 
 
 class RouterLogits(nn.Module):
-    """logits = x · Wᵀ in fp32 (W [E, d])."""
+    """logits = x · Wᵀ in fp32 (W [E, d]), also under autocast."""
 
     def __init__(self, d_model: int, n_experts: int):
         super().__init__()
@@ -57,7 +57,8 @@ class RouterLogits(nn.Module):
         nn.init.normal_(self.weight, std=init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
 
 
 class LearnedRouter(nn.Module):
@@ -143,8 +144,8 @@ class HashRouter(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
         if token_ids is None:
             raise ValueError(
-                "router hash needs the token ids, which only a model's first pipeline stage has: use another "
-                "router, or keep every hash-routed block on the first stage"
+                "router hash needs the token ids: the family must put them in the forward context "
+                "(ForwardContext.token_ids; the decoder does, on every pipeline stage)"
             )
         ids = token_ids.reshape(-1)
         if ids.numel() and int(ids.max()) >= self.table.numel():
