@@ -20,6 +20,13 @@ def inputs(batch: Mapping[str, torch.Tensor]) -> tuple[tuple, dict]:
     return (batch["input_ids"],), {"position_ids": batch["position_ids"], "doc_ids": batch["doc_ids"]}
 
 
+def inputs_with_token_ids(batch: Mapping[str, torch.Tensor]) -> tuple[tuple, dict]:
+    """``inputs`` plus the token ids for every pipeline stage (routers that map token ids to
+    experts read them; a stage after the first has no ``input_ids``)."""
+    args, kwargs = inputs(batch)
+    return args, {**kwargs, "token_ids": batch["input_ids"]}
+
+
 def targets(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"labels": batch["labels"], "loss_mask": batch["loss_mask"]}
 

@@ -9,19 +9,12 @@ from models.decoder.model import Decoder
 from models.spec import ModelSpec, register_family
 
 
-def inputs(batch):
-    """The causal LM's inputs, plus the token ids for every pipeline stage (routers that map
-    token ids to experts read them; a stage after the first has no ``input_ids``)."""
-    args, kwargs = causal_lm.inputs(batch)
-    return args, {**kwargs, "token_ids": batch["input_ids"]}
-
-
 SPEC = register_family(
     ModelSpec(
         name="decoder",
         config=DecoderConfig,
         build=Decoder,
-        inputs=inputs,
+        inputs=causal_lm.inputs_with_token_ids,
         targets=causal_lm.targets,
         loss_tokens=causal_lm.loss_tokens,
         loss=causal_lm.loss,

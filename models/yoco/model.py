@@ -175,12 +175,14 @@ class Yoco(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         state: DecodeState | None = None,
+        token_ids: torch.Tensor | None = None,
     ):
         """Logits [B, S, vocab] (a prefill with a state: [B, 1, vocab], see the module doc).
 
         A pipeline stage (modules of other stages removed) takes what the previous one returned:
         hidden states [B, S, d] while inside the self-decoder, then (hidden, K, V); it returns
-        the same until the head."""
+        the same until the head. ``token_ids``: for FFN routers that read them (default
+        ``input_ids`` where this module embeds them)."""
         h = self.embed(input_ids) if self.embed is not None else input_ids
         batch, seq = h.shape[:2]
         past, position_ids = forward_positions(h, self.config.max_seq_len, position_ids, doc_ids, state)
@@ -189,7 +191,7 @@ class Yoco(nn.Module):
         rope = {d: rope_tables(position_ids, d, self.config.rope_theta, h.dtype) for d in head_dims}
         ctx = ForwardContext(
             rope=rope, attention=prepare_self_attention(mixers, seq, past, doc_ids, h.device), segments=doc_ids,
-            state=state,
+            state=state, token_ids=token_ids if token_ids is not None or self.embed is None else input_ids,
         )
         for block in self.self_layers.values():
             h = block(h, ctx)
@@ -203,6 +205,8 @@ class Yoco(nn.Module):
         if state is not None and past == 0 and seq > 1:  # prefill: early exit for all but the last
             h = h[:, -1:]
             rope = {d: (cos[:, -1:], sin[:, -1:]) for d, (cos, sin) in rope.items()}
+            if ctx.token_ids is not None:
+                ctx = dataclasses.replace(ctx, token_ids=ctx.token_ids[:, -1:])
         if self.cross_layers:
             cross = next(iter(self.cross_layers.values())).mixer
             spec = AttentionSpec(causal=True, segments=doc_ids)

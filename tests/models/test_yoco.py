@@ -190,3 +190,26 @@ def test_chunked_prefill_generates_the_same_tokens(family):
     whole = generate(model, prompt, 10)
     for chunk in (1, 4, 5):
         assert torch.equal(generate(model, prompt, 10, prefill_chunk=chunk), whole), chunk
+
+
+@pytest.mark.parametrize("ffn", [
+    {"kind": "moe", "n_experts": 4, "top_k": 1, "d_ff": 32, "router": "hash", "hash_vocab_size": 97,
+     "aux_loss_coef": 0.0, "z_loss_coef": 0.0},
+    {"kind": "moe", "n_experts": 4, "top_k": 2, "d_ff": 32},
+    {"kind": "matformer", "d_ff": 64, "granularities": [16, 32, 64]},
+])
+def test_other_ffn_kinds_compose_and_decode_like_the_full_forward(ffn):
+    """YOCO with MoE (token-id hash routing included: the early exit keeps the ids in step) and
+    MatFormer FFNs: prefill + decode equal the full forward."""
+    from models.config import FFNConfig
+    from models.configtree import tagged_from_value
+
+    config = YocoConfig(**{**CONFIG.__dict__, "ffn": tagged_from_value(FFNConfig, ffn, "model.ffn")})
+    model = model_of(config)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(ids)
+        state = model.new_decode_state(2, 12, torch.float32, "cpu")
+        torch.testing.assert_close(model(ids[:, :8], state=state)[:, 0], full[:, 7], rtol=0, atol=1e-5)
+        for t in range(8, 12):
+            torch.testing.assert_close(model(ids[:, t : t + 1], state=state)[:, 0], full[:, t], rtol=0, atol=1e-5)
