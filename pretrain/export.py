@@ -92,18 +92,35 @@ def load_model_weights(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Ten
     return {names[key]: tensor for key, tensor in flat.items()}
 
 
+def canonical_order(weights: dict[str, torch.Tensor], model_section: dict) -> None:
+    """Put tensors that a module stores in a parallelism-friendly order back in their canonical
+    order, in place: each module with ``canonical_state(name, weights)`` rewrites its own
+    entries (a MatFormer FFN's tensor-parallel interleaving, models/ffn/matformer)."""
+    from models.config import ModelConfig
+    from models.counting import build_meta
+
+    model = build_meta(ModelConfig.from_dict(model_section))
+    for name, module in model.named_modules():
+        if hasattr(module, "canonical_state"):
+            module.canonical_state(name, weights)
+
+
 def export_safetensors(
     checkpoint_dir: str | os.PathLike,
     out_file: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
 ) -> Path:
-    """Write the checkpoint's model weights to ``out_file`` (atomically), floating tensors cast
-    to ``dtype`` when given. When the checkpoint holds a config, it is written next to the
+    """Write the checkpoint's model weights to ``out_file`` (atomically), in canonical order
+    (``canonical_order``), floating tensors cast to ``dtype`` when given. When the checkpoint holds a config, it is written next to the
     weights as ``<stem>.config.json``. Returns the safetensors path."""
     checkpoint_dir = Path(checkpoint_dir)
     target = parse_dtype(dtype)
     out_file = Path(out_file)
     weights = load_model_weights(checkpoint_dir)
+    extra = torch.load(checkpoint_dir / EXTRA_STATE, weights_only=True)
+    config = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+    if isinstance(config, dict) and "model" in config:
+        canonical_order(weights, config["model"])
     if target is not None:
         weights = {k: v.to(target) if v.is_floating_point() else v for k, v in weights.items()}
     marker = read_marker(checkpoint_dir) or {}
@@ -117,8 +134,6 @@ def export_safetensors(
     finally:
         tmp.unlink(missing_ok=True)
     fsync_path(out_file.parent)
-    extra = torch.load(checkpoint_dir / EXTRA_STATE, weights_only=True)
-    config = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
     if isinstance(config, dict):
         text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
         atomic_write(out_file.with_name(f"{out_file.stem}.config.json"), text.encode())

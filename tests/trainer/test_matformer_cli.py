@@ -182,3 +182,12 @@ def test_sampled_widths_resume_across_layouts(cache, tmp_path):
     dense, _ = load_checkpoint_model(tmp_path / "m64" / "checkpoints")
     set_granularity(model, 64)
     assert torch.equal(logits_at(dense, tokens), logits_at(model, tokens))
+    # The safetensors export is in canonical order: its first 64 units are the extracted model's.
+    from safetensors.torch import load_file
+
+    from pretrain.export import export_safetensors
+
+    exported = load_file(export_safetensors(checkpoint, tmp_path / "model.safetensors"))
+    for key in ("layers.0.ffn.w1.weight", "layers.1.ffn.w3.weight"):
+        assert torch.equal(exported[key][:64], dense.state_dict()[key])
+    assert torch.equal(exported["layers.1.ffn.w2.weight"][:, :64], dense.state_dict()["layers.1.ffn.w2.weight"])

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from models.ffn.matformer.layout import interleave_perm
+from models.ffn.matformer.layout import interleave_perm, to_canonical
 from models.ffn.swiglu import SwiGLU
 from models.linear import Linear, linear
 
@@ -91,6 +91,15 @@ class MatFormerFFN(SwiGLU):
     def select_pass(self, level: int | None) -> None:
         """models/passes.py: a pass's setting is the index into ``granularities``."""
         self.set_granularity(None if level is None else self.granularities[level])
+
+    def canonical_state(self, name: str, weights: dict[str, torch.Tensor]) -> None:
+        """Rewrite this layer's entries of a full state dict (keys ``<name>.w1.weight``...) from
+        the stored (TP-interleaved) order to the canonical one, in place (pretrain export)."""
+        if self.tp_interleave == 1:
+            return
+        perm = interleave_perm(self.granularities, self.tp_interleave)
+        for key, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
+            weights[f"{name}.{key}.weight"] = to_canonical(weights[f"{name}.{key}.weight"], perm, dim)
 
     def linear_flops_per_token(self) -> int:
         """Forward FLOPs of the three projections at the active width (models/counting.py)."""
