@@ -47,7 +47,7 @@ def _run_config(checkpoint: Path) -> dict:
 
 def extract_main(checkpoint, output, granularity: int | None = None, per_layer: list[int] | None = None) -> Path:
     """Write the standalone model; returns OUTPUT (see the module doc)."""
-    from pretrain.checkpoint import CheckpointManager
+    from pretrain.checkpoint import CheckpointManager, read_marker
 
     model, path = load_checkpoint_model(checkpoint)
     widths = _widths(model.config, granularity, per_layer)
@@ -59,7 +59,7 @@ def extract_main(checkpoint, output, granularity: int | None = None, per_layer: 
     output = Path(output)
     run_config = _run_config(path)
     run_config["model"] = to_dict(config)
-    step = int(json.loads((path / "complete.json").read_text())["step"])
+    step = int(read_marker(path)["step"])
     extra = {"step": step, "config": run_config, "extracted_from": str(path), "widths": widths}
     CheckpointManager(output / "checkpoints").save(step, dense, None, extra)
     for name in ("tokenizer.model", "tokenizer.json"):

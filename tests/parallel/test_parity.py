@@ -88,6 +88,12 @@ def launched():
     return results
 
 
+def check_ranks(per_rank: list, reference: list) -> None:
+    """Every rank reports the same history, and it is the reference's (``check``)."""
+    assert all(history == per_rank[0] for history in per_rank), "ranks disagree on the reported loss"
+    check(per_rank[0], reference)
+
+
 def check(history: list, reference: list) -> None:
     for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(history, reference, strict=True)):
         assert loss == pytest.approx(ref_loss, abs=1e-5), f"step {step + 1}"
@@ -98,13 +104,9 @@ def check(history: list, reference: list) -> None:
 
 @pytest.mark.parametrize("world, name", CASES, ids=[name for _, name in CASES])
 def test_layout_matches_one_process(world, name, reference, launched):
-    per_rank = [result[name] for result in launched(world)]
-    assert all(history == per_rank[0] for history in per_rank), "ranks disagree on the reported loss"
-    check(per_rank[0], reference)
+    check_ranks([result[name] for result in launched(world)], reference)
 
 
 @pytest.mark.parametrize("world, name", TIED_CASES, ids=[name for _, name in TIED_CASES])
 def test_tied_embeddings_match_one_process(world, name, tied_reference, launched):
-    per_rank = [result[name] for result in launched(world)]
-    assert all(history == per_rank[0] for history in per_rank), "ranks disagree on the reported loss"
-    check(per_rank[0], tied_reference)
+    check_ranks([result[name] for result in launched(world)], tied_reference)
