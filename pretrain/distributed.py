@@ -17,6 +17,7 @@ the trainer ends them itself (``shutdown``) on its normal path."""
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -89,5 +90,9 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Destroy the process groups, then collect the garbage that still references them (device
+    meshes, FSDP state): destroying a group only unregisters it, and a gloo group that lives on
+    until finalization aborts the process as the module docstring says."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

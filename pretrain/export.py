@@ -111,7 +111,8 @@ def export_safetensors(
     dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Write the checkpoint's model weights to ``out_file`` (atomically), in canonical order
-    (``canonical_order``), floating tensors cast to ``dtype`` when given. When the checkpoint holds a config, it is written next to the
+    (``canonical_order``, when the checkpoint's config names a model family), floating tensors
+    cast to ``dtype`` when given. When the checkpoint holds a config, it is written next to the
     weights as ``<stem>.config.json``. Returns the safetensors path."""
     checkpoint_dir = Path(checkpoint_dir)
     target = parse_dtype(dtype)
@@ -119,8 +120,9 @@ def export_safetensors(
     weights = load_model_weights(checkpoint_dir)
     extra = torch.load(checkpoint_dir / EXTRA_STATE, weights_only=True)
     config = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
-    if isinstance(config, dict) and "model" in config:
-        canonical_order(weights, config["model"])
+    model_section = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model_section, dict) and "family" in model_section:
+        canonical_order(weights, model_section)
     if target is not None:
         weights = {k: v.to(target) if v.is_floating_point() else v for k, v in weights.items()}
     marker = read_marker(checkpoint_dir) or {}

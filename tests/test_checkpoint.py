@@ -35,8 +35,10 @@ from pretrain.checkpoint import (
     read_marker,
     seed_rng,
 )
+from pretrain.distributed import shutdown
 from pretrain.export import export_main, export_safetensors
 from pretrain.names import clean_key
+from tests.parallel.launch import free_port
 
 VOCAB, DIM = 32, 16
 FULL = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
@@ -493,14 +495,14 @@ def _tp_plan():
     }
 
 
-def _dist_worker(rank: int, world: int, tmp: str, single_draws):
+def _dist_worker(rank: int, world: int, port: int, tmp: str, single_draws):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
     from torch.nn.parallel import DistributedDataParallel
 
     tmp = Path(tmp)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))
         out = {}
@@ -560,7 +562,7 @@ def _dist_worker(rank: int, world: int, tmp: str, single_draws):
             ]
         torch.save(out, tmp / f"result_{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def test_two_gloo_ranks_save_fsdp_tp_ddp_and_change_layout(tmp_path):
@@ -571,7 +573,7 @@ def test_two_gloo_ranks_save_fsdp_tp_ddp_and_change_layout(tmp_path):
     CheckpointManager(tmp_path / "single").save(1, model, opt, {"step": 1})
     single_draws = draws()
 
-    mp.spawn(_dist_worker, args=(2, str(tmp_path), single_draws), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path), single_draws), nprocs=2, join=True)
 
     for rank in range(2):
         result = torch.load(tmp_path / f"result_{rank}.pt", weights_only=True)

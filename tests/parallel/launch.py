@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pretrain.distributed import shutdown
+
 PRELOAD = ["torch", "torch.distributed", "pretrain.parallel.runtime", "tests.parallel.workloads"]
 _preloaded = False
 
@@ -34,7 +36,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def run_ranks(world: int, fn, *args) -> list:
