@@ -19,6 +19,10 @@ memory for the fp32 model per process); ``sharded`` initialises each shard on it
 (no full copy; the initial weights then depend on the layout).
 
 ``compile``: torch.compile each block with ``compile_backend`` (pretrain/parallel/compile.py).
+
+``ep``: expert parallelism, borrowed from ``dp_shard`` (which it must divide): each MoE layer's
+experts are spread over ``ep`` data-parallel ranks and tokens reach them by all-to-all
+(pretrain/parallel/ep.py).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class ParallelConfig:
     init: Literal["full", "sharded"] = "full"
     compile: bool = False
     compile_backend: str = "inductor"
+    ep: int = 1
 
     def validate(self) -> list[str]:
         """Problems visible without knowing the world size or the model."""
@@ -63,6 +68,13 @@ class ParallelConfig:
             errors.append(
                 f"parallel.pp_schedule={self.pp_schedule} splits the backward into input and weight gradients, which "
                 "compiled blocks cannot do; use interleaved_1f1b, or parallel.compile=false"
+            )
+        if self.ep < 1:
+            errors.append(f"parallel.ep must be >= 1, got {self.ep}")
+        if self.ep > 1 and self.dp_replicate > 1:
+            errors.append(
+                f"parallel.ep={self.ep} is not built with parallel.dp_replicate={self.dp_replicate} (HSDP); "
+                "use dp_replicate=1 with dp_shard a multiple of ep"
             )
         if any(n < 1 for n in self.pp_stage_layers):
             errors.append(f"parallel.pp_stage_layers must all be >= 1, got {self.pp_stage_layers}")
