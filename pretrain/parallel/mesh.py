@@ -140,7 +140,8 @@ def layout_errors(
                 f"data.seq_len ({seq_len}) must be divisible by parallel.tp ({parallel.tp}) with sequence "
                 "parallelism (parallel.sp=true)"
             )
-    if parallel.ep > 1 and dims.dp_shard >= 1 and dims.dp_shard % parallel.ep:
+    shard_known = world is not None or parallel.dp_shard != -1
+    if parallel.ep > 1 and shard_known and dims.dp_shard >= 1 and dims.dp_shard % parallel.ep:
         errors.append(
             f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dims.dp_shard}): expert parallelism "
             "borrows data-parallel ranks; launch more ranks or lower ep"
