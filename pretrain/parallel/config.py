@@ -13,16 +13,16 @@ stages per rank); ``virtual_stages`` stages per rank (1 for gpipe/1f1b). ``pp_st
 lists the blocks of each stage explicitly (length pp × virtual_stages); empty balances them
 (see pretrain.parallel.pipeline.stage_layer_counts).
 
+``ep``: expert parallelism, borrowed from ``dp_shard`` (which it must divide): each MoE layer's
+experts are spread over ``ep`` data-parallel ranks and tokens reach them by all-to-all
+(pretrain/parallel/ep.py).
+
 ``init``: ``full`` builds the whole model on the CPU of every process from the run seed and
 keeps this rank's shards, so every layout starts from the weights one process would (host
 memory for the fp32 model per process); ``sharded`` initialises each shard on its device
 (no full copy; the initial weights then depend on the layout).
 
 ``compile``: torch.compile each block with ``compile_backend`` (pretrain/parallel/compile.py).
-
-``ep``: expert parallelism, borrowed from ``dp_shard`` (which it must divide): each MoE layer's
-experts are spread over ``ep`` data-parallel ranks and tokens reach them by all-to-all
-(pretrain/parallel/ep.py).
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ class ParallelConfig:
     dp_shard: int = -1
     tp: int = 1
     sp: bool = True
+    ep: int = 1
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"] = "1f1b"
     virtual_stages: int = 1
     pp_stage_layers: list[int] = field(default_factory=list)
     init: Literal["full", "sharded"] = "full"
     compile: bool = False
     compile_backend: str = "inductor"
-    ep: int = 1
 
     def validate(self) -> list[str]:
         """Problems visible without knowing the world size or the model."""
@@ -57,6 +57,13 @@ class ParallelConfig:
                 errors.append(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.dp_shard == 0 or self.dp_shard < -1:
             errors.append(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world; got {self.dp_shard}")
+        if self.ep < 1:
+            errors.append(f"parallel.ep must be >= 1, got {self.ep}")
+        if self.ep > 1 and self.dp_replicate > 1:
+            errors.append(
+                f"parallel.ep={self.ep} is not built with parallel.dp_replicate={self.dp_replicate} (HSDP); "
+                "use dp_replicate=1 with dp_shard a multiple of ep"
+            )
         if self.pp_schedule in SINGLE_STAGE_SCHEDULES and self.virtual_stages != 1:
             errors.append(
                 f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank; set parallel.virtual_stages=1 "
@@ -68,13 +75,6 @@ class ParallelConfig:
             errors.append(
                 f"parallel.pp_schedule={self.pp_schedule} splits the backward into input and weight gradients, which "
                 "compiled blocks cannot do; use interleaved_1f1b, or parallel.compile=false"
-            )
-        if self.ep < 1:
-            errors.append(f"parallel.ep must be >= 1, got {self.ep}")
-        if self.ep > 1 and self.dp_replicate > 1:
-            errors.append(
-                f"parallel.ep={self.ep} is not built with parallel.dp_replicate={self.dp_replicate} (HSDP); "
-                "use dp_replicate=1 with dp_shard a multiple of ep"
             )
         if any(n < 1 for n in self.pp_stage_layers):
             errors.append(f"parallel.pp_stage_layers must all be >= 1, got {self.pp_stage_layers}")

@@ -63,10 +63,10 @@ class AllToAllExchange:
         return tuple(w.to_local() if isinstance(w, DTensor) else w for w in weights)
 
 
-def expert_meshes(dims: ParallelDims, mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh]:
+def expert_meshes(dims: ParallelDims, ep: int, mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh]:
     """(the mesh the experts' DTensors live on: ``ep``, or ``ep`` × ``tp``; the ``dp_shard / ep``
     mesh FSDP2 shards expert weights over). Creates process groups: call once per model."""
-    split = mesh["dp_shard", "tp"]._unflatten(0, (dims.dp_shard // dims.ep, dims.ep), ("dp_shard_mod_ep", "ep"))
+    split = mesh["dp_shard", "tp"]._unflatten(0, (dims.dp_shard // ep, ep), ("dp_shard_mod_ep", "ep"))
     placed = split["ep", "tp"] if dims.tp > 1 else split["ep"]
     return placed, split["dp_shard_mod_ep"]
 

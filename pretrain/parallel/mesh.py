@@ -40,7 +40,6 @@ class ParallelDims:
     tp: int
     sp: bool
     world: int
-    ep: int = 1  # expert parallelism, borrowed from dp_shard (pretrain/parallel/ep.py)
 
     @classmethod
     def resolve(cls, parallel: ParallelConfig, world: int | None) -> ParallelDims:
@@ -53,10 +52,7 @@ class ParallelDims:
             dp_shard = world // others if others > 0 and world % others == 0 else 0
         if world is None:
             world = others * dp_shard
-        return cls(
-            parallel.pp, parallel.dp_replicate, dp_shard, parallel.tp, parallel.sp and parallel.tp > 1, world,
-            ep=parallel.ep,
-        )
+        return cls(parallel.pp, parallel.dp_replicate, dp_shard, parallel.tp, parallel.sp and parallel.tp > 1, world)
 
     @property
     def dp(self) -> int:
@@ -81,8 +77,7 @@ class ParallelDims:
         flavour = " (FSDP2)" if self.fsdp else " (DDP)" if self.ddp else ""
         sp = " sp" if self.sp else ""
         degrees = " ".join(f"{name}={getattr(self, name)}" for name in MESH_DIMS)
-        ep = f" ep={self.ep}" if self.ep > 1 else ""
-        return f"{degrees}{sp}{ep}{flavour}"
+        return f"{degrees}{sp}{flavour}"
 
 
 def microbatch_errors(parallel: ParallelConfig, n_microbatches: int) -> list[str]:
@@ -140,15 +135,15 @@ def layout_errors(
                 f"data.seq_len ({seq_len}) must be divisible by parallel.tp ({parallel.tp}) with sequence "
                 "parallelism (parallel.sp=true)"
             )
+    errors.extend(_pipeline_errors(parallel, model))
+    if dims.dp >= 1 and micro_batch >= 1:  # otherwise reported above, or by the train section
+        errors.extend(_batch_errors(parallel, dims.dp, global_batch, micro_batch))
     shard_known = world is not None or parallel.dp_shard != -1
     if parallel.ep > 1 and shard_known and dims.dp_shard >= 1 and dims.dp_shard % parallel.ep:
         errors.append(
             f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dims.dp_shard}): expert parallelism "
             "borrows data-parallel ranks; launch more ranks or lower ep"
         )
-    errors.extend(_pipeline_errors(parallel, model))
-    if dims.dp >= 1 and micro_batch >= 1:  # otherwise reported above, or by the train section
-        errors.extend(_batch_errors(parallel, dims.dp, global_batch, micro_batch))
     return dims, errors
 
 
