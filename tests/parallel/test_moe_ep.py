@@ -1,7 +1,9 @@
 """Expert parallelism (``parallel.ep``, all-to-all dispatch) equals one process: an MoE decoder
 (a dense first block, 4 experts top-2 under a binding capacity, a shared expert) trained 5
-steps with gradient accumulation under EP2, EP4, EP2 with FSDP2 over the other two data ranks,
-EP2 × TP2 (+SP) and EP2 × PP2; and a run saved under EP2 and resumed under FSDP2 without EP.
+steps with gradient accumulation under EP2 (also with full activation recomputation), EP4, EP2
+with FSDP2 over the other two data ranks, EP2 × TP2 (+SP) and EP2 × PP2; a run saved under EP2
+and resumed under FSDP2 without EP; and a DeepSeek-style router (sigmoid_bias, aux-loss-free
+bias) under EP2.
 
 The reference is the plain single-process loop of tests/parallel/workloads.py (each MoE layer's
 auxiliary-loss weight set by hand to the micro-batch's share of the global batch)."""
@@ -20,7 +22,7 @@ from pretrain.checkpoint import CheckpointManager
 from pretrain.parallel.config import ParallelConfig
 from pretrain.parallel.mesh import LayoutError, check_layout
 from tests.parallel.launch import launches_by_world, run_ranks
-from tests.parallel.test_moe_layouts import moe_loss
+from tests.parallel.test_moe_layouts import BIASED, biased_reference, moe_loss
 from tests.parallel.test_parity import check_ranks
 from tests.parallel.workloads import GLOBAL_BATCH, SEED, SEQ, TINY, ParallelTraining, reference_run
 
@@ -36,7 +38,7 @@ STEPS = 5
 # world -> name -> (ParallelConfig fields, micro-batch); every layout accumulates >= 2 micro-batches
 # per rank except where the world leaves one row pair per rank.
 LAYOUTS = {
-    2: {"ep2": (dict(ep=2), 2), "ep2_micro1": (dict(ep=2), 1)},
+    2: {"ep2": (dict(ep=2), 2), "ep2_micro1": (dict(ep=2), 1), "ep2_full_recompute": (dict(ep=2), 2, "full")},
     4: {
         "ep4": (dict(ep=4), 1),
         "ep2_fsdp4": (dict(ep=2), 1),
@@ -58,8 +60,8 @@ def expert_layout(training: ParallelTraining) -> dict:
 
 def train(rank: int, world: int) -> dict:
     results = {}
-    for name, (fields, micro) in LAYOUTS[world].items():
-        training = ParallelTraining(world, ParallelConfig(**fields), micro, model_config=MOE)
+    for name, (fields, micro, *recompute) in LAYOUTS[world].items():
+        training = ParallelTraining(world, ParallelConfig(**fields), micro, *recompute, model_config=MOE)
         history = [training.step(step) for step in range(STEPS)]
         results[name] = (history, expert_layout(training), training.runner.module_metrics())
     return results
@@ -75,7 +77,7 @@ def references():
 
 @pytest.mark.parametrize("world,name", [(w, n) for w, layouts in LAYOUTS.items() for n in layouts])
 def test_expert_parallel_layout_equals_one_process(world, name, references):
-    fields, micro = LAYOUTS[world][name]
+    fields, micro, *_ = LAYOUTS[world][name]
     per_rank = launched(world)
     check_ranks([result[name][0] for result in per_rank], references[micro])
     ep = fields["ep"]
@@ -89,6 +91,19 @@ def test_expert_parallel_layout_equals_one_process(world, name, references):
             assert local[0] == N_EXPERTS // ep and local[1] == -(-shape[1] // fsdp), key
         metrics = result[name][2]
         assert sorted({k.split("/")[0] for k in metrics}) == [f"layers.{i}.ffn.routed" for i in (1, 2, 3)]
+
+
+def train_biased(rank: int, world: int) -> list:
+    training = ParallelTraining(world, ParallelConfig(ep=2), 2, model_config=BIASED)
+    return [training.step(step) for step in range(STEPS)]
+
+
+def test_aux_loss_free_bias_under_ep2_equals_one_process():
+    """sigmoid_bias with group-limited routing and the bias updated from loads summed over both
+    ranks (whose experts live on different ranks) equals one process updating it by hand."""
+    history, biases = biased_reference(STEPS + 1)
+    assert any(float(b.abs().max()) > 0 for b in biases[2].values())
+    check_ranks(run_ranks(2, train_biased), history[:STEPS])
 
 
 def save_then_resume(rank: int, world: int, directory: str) -> dict:
