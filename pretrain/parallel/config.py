@@ -59,11 +59,6 @@ class ParallelConfig:
             errors.append(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world; got {self.dp_shard}")
         if self.ep < 1:
             errors.append(f"parallel.ep must be >= 1, got {self.ep}")
-        if self.ep > 1 and self.dp_replicate > 1:
-            errors.append(
-                f"parallel.ep={self.ep} is not built with parallel.dp_replicate={self.dp_replicate} (HSDP); "
-                "use dp_replicate=1 with dp_shard a multiple of ep"
-            )
         if self.pp_schedule in SINGLE_STAGE_SCHEDULES and self.virtual_stages != 1:
             errors.append(
                 f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank; set parallel.virtual_stages=1 "

@@ -6,10 +6,11 @@ to them and back with ``all_to_all_single``.
 The ``ep`` ranks hold different data; each holds E/ep consecutive experts (rank r: experts
 r·E/ep … (r+1)·E/ep − 1), as DTensors ``Shard(0)`` over ``ep`` (``Replicate`` over ``tp`` when
 tensor parallelism runs the routed part redundantly). Every other parameter is unaffected:
-FSDP2 shards it over the whole ``dp_shard``. Expert weights are sharded by FSDP2 over the
-remaining ``dp_shard / ep`` ranks (on their dimension 1, so that the expert dimension stays
-whole for ``ep``); their gradients are thus summed over every data-parallel rank, the ep ranks'
-share arriving through the all-to-all's backward.
+FSDP2 shards it over the whole ``dp_shard`` (HSDP: replicated over ``dp_replicate``). Expert
+weights are sharded by FSDP2 over the remaining ``dp_shard / ep`` ranks (on their dimension 1,
+so that the expert dimension stays whole for ``ep``; HSDP: replicated over ``dp_replicate``
+too); their gradients are thus summed over every data-parallel rank, the ep ranks' share
+arriving through the all-to-all's backward.
 
 Per forward of a layer (:class:`AllToAllExchange`), on rows already grouped by all E experts:
 1. the per-expert counts go through one ``all_to_all_single`` (each rank learns how many rows
@@ -64,11 +65,15 @@ class AllToAllExchange:
 
 
 def expert_meshes(dims: ParallelDims, ep: int, mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh]:
-    """(the mesh the experts' DTensors live on: ``ep``, or ``ep`` × ``tp``; the ``dp_shard / ep``
-    mesh FSDP2 shards expert weights over). Creates process groups: call once per model."""
-    split = mesh["dp_shard", "tp"]._unflatten(0, (dims.dp_shard // ep, ep), ("dp_shard_mod_ep", "ep"))
+    """(the mesh the experts' DTensors live on: ``ep``, or ``ep`` × ``tp``; the mesh FSDP2 shards
+    expert weights over: ``dp_shard / ep``, or (``dp_replicate``, ``dp_shard / ep``) for HSDP).
+    Creates process groups: call once per model."""
+    split = mesh["dp_replicate", "dp_shard", "tp"]._unflatten(
+        1, (dims.dp_shard // ep, ep), ("dp_shard_mod_ep", "ep")
+    )
     placed = split["ep", "tp"] if dims.tp > 1 else split["ep"]
-    return placed, split["dp_shard_mod_ep"]
+    fsdp = split["dp_replicate", "dp_shard_mod_ep"] if dims.dp_replicate > 1 else split["dp_shard_mod_ep"]
+    return placed, fsdp
 
 
 def expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

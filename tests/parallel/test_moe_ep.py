@@ -1,7 +1,8 @@
 """Expert parallelism (``parallel.ep``, all-to-all dispatch) equals one process: an MoE decoder
 (a dense first block, 4 experts top-2 under a binding capacity, a shared expert) trained 5
 steps with gradient accumulation under EP2 (also with full activation recomputation), EP4, EP2
-with FSDP2 over the other two data ranks, EP2 × TP2 (+SP) and EP2 × PP2; a run saved under EP2
+with FSDP2 over the other two data ranks, EP2 with HSDP (2 replicas × 2 shards), EP2 × TP2
+(+SP) and EP2 × PP2; a run saved under EP2
 and resumed under FSDP2 without EP; and a DeepSeek-style router (sigmoid_bias, aux-loss-free
 bias) under EP2.
 
@@ -44,6 +45,7 @@ LAYOUTS = {
         "ep2_fsdp4": (dict(ep=2), 1),
         "ep2_tp2_sp": (dict(ep=2, tp=2, sp=True), 2),
         "ep2_pp2": (dict(ep=2, pp=2, pp_schedule="1f1b"), 2),
+        "ep2_hsdp": (dict(ep=2, dp_replicate=2, dp_shard=2), 1),
     },
 }
 
@@ -87,7 +89,8 @@ def test_expert_parallel_layout_equals_one_process(world, name, references):
         for key, (shape, local, placements) in layout.items():
             assert shape[0] == N_EXPERTS
             assert Shard(0) in placements, key  # the expert dimension is split over ep
-            fsdp = world // (ep * fields.get("tp", 1) * fields.get("pp", 1))
+            others = fields.get("tp", 1) * fields.get("pp", 1) * fields.get("dp_replicate", 1)
+            fsdp = fields.get("dp_shard", world // others) // ep  # HSDP replicates over dp_replicate
             assert local[0] == N_EXPERTS // ep and local[1] == -(-shape[1] // fsdp), key
         metrics = result[name][2]
         assert sorted({k.split("/")[0] for k in metrics}) == [f"layers.{i}.ffn.routed" for i in (1, 2, 3)]
@@ -126,9 +129,9 @@ def test_resume_ep2_to_ep1_equals_one_process(references):
 def test_layout_errors_name_the_problem():
     with pytest.raises(LayoutError, match=r"parallel.ep \(4\) must divide parallel.dp_shard \(2\)"):
         check_layout(ParallelConfig(ep=4), MOE, 2, global_batch=GLOBAL_BATCH, micro_batch=1, seq_len=SEQ)
-    with pytest.raises(LayoutError, match="dp_replicate"):
+    with pytest.raises(LayoutError, match=r"parallel.ep \(2\) must divide parallel.dp_shard \(1\)"):
         check_layout(
-            ParallelConfig(ep=2, dp_replicate=2, dp_shard=2), MOE, 4, global_batch=GLOBAL_BATCH, micro_batch=1,
+            ParallelConfig(ep=2, dp_replicate=2, dp_shard=1), MOE, 2, global_batch=GLOBAL_BATCH, micro_batch=1,
             seq_len=SEQ,
         )
 
