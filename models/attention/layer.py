@@ -77,6 +77,12 @@ class AttentionConfig(MixerConfig):
     def tp_sizes(self, prefix: str, d_model: int) -> dict[str, int]:
         return {f"{prefix}.n_heads": self.n_heads, f"{prefix}.n_kv_heads": self.n_kv_heads}
 
+    def decode_state_bytes(self, d_model: int, batch: int, length: int, element_bytes: int) -> int:
+        """K and V of every position (caches sized for ``length``), or of the last W − 1 with a
+        window W < length."""
+        per_position = 2 * self.n_kv_heads * self.resolved_head_dim(d_model) * element_bytes * batch
+        return per_position * (length if self.window is None or self.window >= length else self.window - 1)
+
 
 class Attention(nn.Module):
     def __init__(
