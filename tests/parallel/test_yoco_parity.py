@@ -1,6 +1,7 @@
 """YOCO trains under TP2, TP2+SP, FSDP2, DDP2, TP2×FSDP2 and PP2 (cut where the global K,V is
 made, and inside the cross-decoder: the stage boundary carries hidden, K, V), also PP2×TP2+SP,
-with the losses of an independent single-process loop to 1e-5 (the global K/V projections and
+and with a gated-retention self-decoder (chunks of 8 over 32 positions) under TP2+SP, PP2 and
+TP2×FSDP2, with the losses of an independent single-process loop to 1e-5 (the global K/V projections and
 the cross-decoder's query heads are sharded by head under TP)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 
 from models.attention.layer import AttentionConfig
 from models.ffn.swiglu import SwiGLUConfig
+from models.retention import RetentionConfig
 from models.yoco import CrossAttentionConfig, YocoConfig
 from tests.parallel.launch import launches_by_world
 from tests.parallel.test_parity import check_ranks
@@ -23,12 +25,16 @@ YOCO = YocoConfig(
 )
 # 6 blocks, 2 in the self-decoder: two pipeline stages of 3 cut inside the cross-decoder.
 YOCO6 = dataclasses.replace(YOCO, n_layers=6, self_layers=2)
-CONFIGS = {"yoco": YOCO, "yoco6": YOCO6}
+RETENTION = dataclasses.replace(YOCO6, mixer=RetentionConfig(n_heads=4, chunk_size=8))
+CONFIGS = {"yoco": YOCO, "yoco6": YOCO6, "retention": RETENTION}
 LAYOUTS = {
     2: {"tp2": (dict(tp=2, sp=False), 2), "tp2_sp": (dict(tp=2, sp=True), 2), "fsdp2": (dict(), 2),
         "ddp2": (dict(dp_replicate=2, dp_shard=1), 2), "pp2_at_kv": (dict(pp=2, pp_schedule="1f1b"), 2),
-        "pp2_in_cross": (dict(pp=2, pp_schedule="1f1b"), 2, "yoco6")},
-    4: {"tp2_fsdp2": (dict(tp=2), 2), "pp2_tp2_sp_in_cross": (dict(pp=2, tp=2, sp=True), 1, "yoco6")},
+        "pp2_in_cross": (dict(pp=2, pp_schedule="1f1b"), 2, "yoco6"),
+        "retention_tp2_sp": (dict(tp=2, sp=True), 2, "retention"),
+        "retention_pp2": (dict(pp=2, pp_schedule="1f1b"), 2, "retention")},
+    4: {"tp2_fsdp2": (dict(tp=2), 2), "pp2_tp2_sp_in_cross": (dict(pp=2, tp=2, sp=True), 1, "yoco6"),
+        "retention_tp2_fsdp2": (dict(tp=2), 2, "retention")},
 }
 CASES = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
 
