@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pretrain.convert.errors import ConversionError
-from pretrain.convert.tensorfile import SafetensorsWriter, checksum, nbytes
+from pretrain.convert.tensorfile import SafetensorsReader, SafetensorsWriter, checksum, nbytes
 from pretrain.convert.weights import Weights, check_against_config
 
 INDEX = "model.safetensors.index.json"
@@ -81,7 +81,7 @@ def write_hf(weights: Weights, out_dir: Path, shard_bytes: int, on_tensor=None) 
                 )
             out = rule.to_hf(tensor).contiguous()
             writer.write(theirs, out)
-            sums[theirs] = checksum(out)
+            sums[theirs] = (out.dtype, tuple(out.shape), checksum(out))
             if on_tensor:
                 on_tensor(ours, tensor)
             del tensor, out
@@ -111,17 +111,18 @@ def _write_configs(adapter, weights: Weights, out_dir: Path, special: dict) -> N
     GenerationConfig(**generation).save_pretrained(out_dir)
 
 
-def verify_safetensors_files(out_dir: Path, sums: dict[str, str], files: list[str]) -> None:
-    """Re-read every tensor of ``files`` with the safetensors library and compare checksums."""
-    from safetensors import safe_open
+def verify_safetensors_files(out_dir: Path, sums: dict[str, tuple], files: list[str]) -> None:
+    """Re-read every tensor of ``files`` (dtype, shape and a checksum of its bytes) and compare
+    with what was written (``sums``: name → (dtype, shape, sha256))."""
+    from pretrain.convert.tensorfile import ST_DTYPES, file_checksums
 
     seen = set()
     for file in files:
-        with safe_open(str(out_dir / file), framework="pt") as f:
-            for name in f.keys():
-                if sums.get(name) != checksum(f.get_tensor(name)):
-                    raise ConversionError(f"verification failed: {file}:{name} reads back different from what was written")
-                seen.add(name)
+        for name, (code, shape, digest) in file_checksums(out_dir / file).items():
+            dtype, want_shape, want = sums.get(name, (None, None, None))
+            if dtype is None or ST_DTYPES[dtype] != code or tuple(want_shape) != shape or want != digest:
+                raise ConversionError(f"verification failed: {file}:{name} reads back different from what was written")
+            seen.add(name)
     if seen != set(sums):
         raise ConversionError(f"verification failed: tensors {sorted(set(sums) ^ seen)[:3]} are missing from {out_dir}")
 
@@ -131,16 +132,12 @@ def hf_files(directory: Path) -> dict[str, str]:
     if (directory / INDEX).is_file():
         return json.loads((directory / INDEX).read_text())["weight_map"]
     if (directory / SINGLE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(directory / SINGLE), framework="pt") as f:
-            return {name: SINGLE for name in f.keys()}
+        return {name: SINGLE for name in SafetensorsReader(directory / SINGLE).names()}
     raise ConversionError(f"{directory} has neither {INDEX} nor {SINGLE}; only safetensors HF checkpoints convert")
 
 
 def read_hf(path: str | os.PathLike) -> Weights:
     """An HF model directory as our weights (config through the adapter of its architecture)."""
-    from safetensors import safe_open
     from transformers import AutoConfig
 
     from models.spec import hf_adapter
@@ -172,27 +169,18 @@ def read_hf(path: str | os.PathLike) -> Weights:
             f"{directory} lacks tensor {missing[0]} ({len(missing)} missing) that its config.json implies; "
             "the download is incomplete or config.json belongs to another model"
         )
+    readers = {f: SafetensorsReader(directory / f) for f in sorted(set(files.values()))}
     listing = {}
     for theirs, (ours, rule) in wanted.items():
-        with safe_open(str(directory / files[theirs]), framework="pt") as f:
-            piece = f.get_slice(theirs)
-            dtype = _ST_TO_TORCH[piece.get_dtype()]
-            shape = tuple(piece.get_shape())
+        shape, dtype = readers[files[theirs]].meta(theirs)
         out = rule.from_hf(torch.empty(shape, dtype=dtype, device="meta"))
         listing[ours] = (tuple(out.shape), out.dtype)
     check_against_config(listing, config, str(directory))
 
     def read() -> Iterator[tuple[str, torch.Tensor]]:
         for theirs, (ours, rule) in wanted.items():
-            with safe_open(str(directory / files[theirs]), framework="pt") as f:
-                tensor = f.get_tensor(theirs)
-            yield ours, rule.from_hf(tensor).contiguous()
+            yield ours, rule.from_hf(readers[files[theirs]].get(theirs)).contiguous()
 
     tokenizer = next((directory / n for n in ("tokenizer.model", "tokenizer.json") if (directory / n).is_file()), None)
     return Weights(config, listing, read, tokenizer, None, str(directory))
 
-
-_ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}

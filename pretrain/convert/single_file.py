@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from pretrain.convert.errors import ConversionError
-from pretrain.convert.tensorfile import SafetensorsWriter, checksum
+from pretrain.convert.tensorfile import SafetensorsReader, SafetensorsWriter, checksum
 from pretrain.convert.weights import Weights, check_against_config
 
 
@@ -34,7 +35,7 @@ def write_single(weights: Weights, out_file: Path, config_file: Path, on_tensor=
     try:
         for name, tensor in weights.read():
             writer.write(name, tensor)
-            sums[name] = checksum(tensor)
+            sums[name] = (tensor.dtype, tuple(tensor.shape), checksum(tensor))
             if on_tensor:
                 on_tensor(name, tensor)
         writer.close()
@@ -45,8 +46,6 @@ def write_single(weights: Weights, out_file: Path, config_file: Path, on_tensor=
 
 
 def read_single(path: str | os.PathLike) -> Weights:
-    from safetensors import safe_open
-
     from models.config import ModelConfig
 
     file = Path(path)
@@ -59,28 +58,17 @@ def read_single(path: str | os.PathLike) -> Weights:
     if not isinstance(section, dict):
         raise ConversionError(f"{cfg} has no \"model\" section")
     config = ModelConfig.from_dict(section)
-    with safe_open(str(file), framework="pt") as f:
-        names = list(f.keys())
-        listing = {}
-        for name in names:
-            piece = f.get_slice(name)
-            listing[name] = (tuple(piece.get_shape()), _dtype(piece.get_dtype()))
+    reader = SafetensorsReader(file)
+    listing = {name: reader.meta(name) for name in reader.names()}
     check_against_config(listing, config, str(file))
 
     def read() -> Iterator[tuple[str, torch.Tensor]]:
-        with safe_open(str(file), framework="pt") as f:
-            for name in names:
-                yield name, f.get_tensor(name)
+        for name in listing:
+            yield name, reader.get(name)
 
-    step = None
-    with safe_open(str(file), framework="pt") as f:
-        raw = (f.metadata() or {}).get("step")
-    if raw and raw.isdigit():
-        step = int(raw)
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = json.loads(f.read(size)).get("__metadata__", {}).get("step")
+    step = int(raw) if raw and raw.isdigit() else None
     return Weights(config, listing, read, None, step, str(file))
 
-
-def _dtype(code: str) -> torch.dtype:
-    from pretrain.convert.hf_io import _ST_TO_TORCH
-
-    return _ST_TO_TORCH[code]

@@ -75,3 +75,64 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self.file.close()
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """A safetensors file's header (name → dtype, shape, data_offsets) and where its data begins."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def file_checksums(path: str | os.PathLike, chunk: int = 1 << 24) -> dict[str, tuple[str, tuple, str]]:
+    """name → (safetensors dtype code, shape, sha256 of its bytes), hashed from the file in
+    chunks (neither mapped nor loaded whole, so memory stays constant)."""
+    header, start = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            f.seek(start + begin)
+            digest = hashlib.sha256()
+            left = end - begin
+            while left:
+                block = f.read(min(chunk, left))
+                if not block:
+                    raise ValueError(f"{path}: tensor {name} is truncated")
+                digest.update(block)
+                left -= len(block)
+            out[name] = (entry["dtype"], tuple(entry["shape"]), digest.hexdigest())
+    return out
+
+
+TORCH_DTYPES = {code: dtype for dtype, code in ST_DTYPES.items()}
+
+
+class SafetensorsReader:
+    """Read tensors of a safetensors file one at a time into their own memory (the file is not
+    mapped, so a tensor read and dropped leaves nothing resident)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.header, self.start = read_header(self.path)
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def meta(self, name: str) -> tuple[tuple, torch.dtype]:
+        entry = self.header[name]
+        return tuple(entry["shape"]), TORCH_DTYPES[entry["dtype"]]
+
+    def get(self, name: str) -> torch.Tensor:
+        shape, dtype = self.meta(name)
+        begin, end = self.header[name]["data_offsets"]
+        data = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(data) != len(data):
+                raise ValueError(f"{self.path}: tensor {name} is truncated")
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
