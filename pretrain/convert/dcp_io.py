@@ -109,6 +109,14 @@ def read_dcp(path: str | os.PathLike) -> Weights:
     def owner(name: str) -> str | None:
         return next((m for m in canonical if name.startswith(m + ".")), None)
 
+    def fetch(name: str) -> torch.Tensor:
+        module = owner(name)
+        if module is None:
+            return load([name])[name]
+        group = load([n for n in listing if owner(n) == module])
+        canonical[module].canonical_state(module, group)
+        return group[name]
+
     def read() -> Iterator[tuple[str, torch.Tensor]]:
         done: dict[str, torch.Tensor] = {}
         for name in listing:
@@ -127,7 +135,7 @@ def read_dcp(path: str | os.PathLike) -> Weights:
     marker = read_marker(checkpoint) or {}
     run_dir = checkpoint.parent.parent
     tokenizer = next((run_dir / n for n in TOKENIZER_FILES if (run_dir / n).is_file()), None)
-    return Weights(config, listing, read, tokenizer, marker.get("step"), str(checkpoint))
+    return Weights(config, listing, read, tokenizer, marker.get("step"), str(checkpoint), fetch=fetch)
 
 
 def _merge(into: Metadata | None, part: Metadata, file_name: str) -> Metadata:
@@ -141,6 +149,46 @@ def _merge(into: Metadata | None, part: Metadata, file_name: str) -> Metadata:
     return into
 
 
+def save_batches(directory: Path, items, batch_bytes: int, group: str | None = None) -> int:
+    """Save ``(key, tensor or picklable object)`` items as one DCP checkpoint in ``directory``, in DCP
+    calls of at most ``batch_bytes`` whose metadata are merged (one .metadata, data files
+    ``__0_<k>.distcp``). Keys go under ``group`` (``{group: {key: value}}``) when given. Returns
+    the number of items."""
+    merged: Metadata | None = None
+    batch: dict = {}
+    size = index = count = 0
+
+    def flush():
+        nonlocal merged, batch, size, index
+        if not batch:
+            return
+        part = directory / f".part{index}"
+        with quiet_single_process():
+            state = {group: batch} if group else batch
+            dcp.save(state, storage_writer=FileSystemWriter(part, thread_count=1), no_dist=True)
+        files = sorted(part.glob("*.distcp"))
+        if len(files) != 1:
+            raise ConversionError(f"DCP wrote {len(files)} data files for one batch; expected 1")
+        name = f"__0_{index}.distcp"
+        os.replace(files[0], directory / name)
+        merged = _merge(merged, FileSystemReader(part).read_metadata(), name)
+        shutil.rmtree(part)
+        batch, size, index = {}, 0, index + 1
+
+    for key, value in items:
+        batch[key] = value
+        count += 1
+        size += value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+        if size >= batch_bytes:
+            flush()
+    flush()
+    if merged is None:
+        raise ConversionError("no tensors to write")
+    with open(directory / ".metadata", "wb") as f:
+        pickle.dump(merged, f)
+    return count
+
+
 def write_dcp(weights: Weights, out_dir: Path, batch_bytes: int, on_tensor=None) -> dict[str, str]:
     """Write ``weights`` as a model-only checkpoint run directory under ``out_dir``; returns the
     checksum of every tensor written (``on_tensor(name, tensor)`` is called for each)."""
@@ -151,39 +199,15 @@ def write_dcp(weights: Weights, out_dir: Path, batch_bytes: int, on_tensor=None)
     checkpoint = out_dir / "checkpoints" / step_dir_name(step)
     checkpoint.mkdir(parents=True)
     sums: dict[str, str] = {}
-    merged: Metadata | None = None
-    batch: dict[str, torch.Tensor] = {}
-    size = index = 0
 
-    def flush():
-        nonlocal merged, batch, size, index
-        if not batch:
-            return
-        part = checkpoint / f".part{index}"
-        with quiet_single_process():
-            dcp.save({"model": batch}, storage_writer=FileSystemWriter(part, thread_count=1), no_dist=True)
-        files = sorted(part.glob("*.distcp"))
-        if len(files) != 1:
-            raise ConversionError(f"DCP wrote {len(files)} data files for one batch; expected 1")
-        name = f"__0_{index}.distcp"
-        os.replace(files[0], checkpoint / name)
-        merged = _merge(merged, FileSystemReader(part).read_metadata(), name)
-        shutil.rmtree(part)
-        batch, size, index = {}, 0, index + 1
+    def items():
+        for name, tensor in weights.read():
+            sums[name] = checksum(tensor)
+            if on_tensor:
+                on_tensor(name, tensor)
+            yield name, tensor
 
-    for name, tensor in weights.read():
-        sums[name] = checksum(tensor)
-        if on_tensor:
-            on_tensor(name, tensor)
-        batch[name] = tensor
-        size += tensor.numel() * tensor.element_size()
-        if size >= batch_bytes:
-            flush()
-    flush()
-    if merged is None:
-        raise ConversionError(f"{weights.source} yielded no tensors")
-    with open(checkpoint / ".metadata", "wb") as f:
-        pickle.dump(merged, f)
+    save_batches(checkpoint, items(), batch_bytes, group="model")
     config = {"model": to_dict(weights.config)}
     extra = {CONFIG_KEY: config, "step": step, "converted_from": weights.source}
     torch.save(extra, checkpoint / EXTRA_STATE)

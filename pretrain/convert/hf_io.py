@@ -181,6 +181,10 @@ def read_hf(path: str | os.PathLike) -> Weights:
         for theirs, (ours, rule) in wanted.items():
             yield ours, rule.from_hf(readers[files[theirs]].get(theirs)).contiguous()
 
+    def fetch(name: str) -> torch.Tensor:
+        theirs, rule = tmap.rules[name]
+        return rule.from_hf(readers[files[theirs]].get(theirs)).contiguous()
+
     tokenizer = next((directory / n for n in ("tokenizer.model", "tokenizer.json") if (directory / n).is_file()), None)
-    return Weights(config, listing, read, tokenizer, None, str(directory))
+    return Weights(config, listing, read, tokenizer, None, str(directory), fetch=fetch)
 

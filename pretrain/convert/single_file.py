@@ -70,5 +70,5 @@ def read_single(path: str | os.PathLike) -> Weights:
         (size,) = struct.unpack("<Q", f.read(8))
         raw = json.loads(f.read(size)).get("__metadata__", {}).get("step")
     step = int(raw) if raw and raw.isdigit() else None
-    return Weights(config, listing, read, None, step, str(file))
+    return Weights(config, listing, read, None, step, str(file), fetch=reader.get)
 

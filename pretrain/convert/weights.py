@@ -17,7 +17,9 @@ from pretrain.convert.errors import ConversionError
 class Weights:
     """``listing``: our name → (shape, dtype), in reading order; ``read()`` yields ``(name,
     tensor)`` in that order. ``tokenizer``: the tokenizer file that goes with the weights
-    (tokenizer.model or tokenizer.json), when known; ``step``: the training step, when known."""
+    (tokenizer.model or tokenizer.json), when known; ``step``: the training step, when known;
+    ``fetch(name)``: one tensor by name, for writers that need another order (Megatron's stacked
+    layers)."""
 
     config: object
     listing: dict[str, tuple[tuple, torch.dtype]]
@@ -26,6 +28,7 @@ class Weights:
     step: int | None = None
     source: str = ""
     extra: dict = field(default_factory=dict)
+    fetch: Callable[[str], torch.Tensor] | None = None
 
     def total_bytes(self) -> int:
         from pretrain.convert.tensorfile import nbytes
