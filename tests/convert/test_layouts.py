@@ -1,5 +1,5 @@
 """Conversion of checkpoints saved under several parallel layouts (TP2, PP2, FSDP2 on two gloo
-ranks): dcp → hf → dcp gives back, bit for bit, the weights one process initialises with the same
+ranks): dcp → hf → dcp and dcp → megatron → dcp give back, bit for bit, the weights one process initialises with the same
 seed, and transformers' model on the HF directory gives that model's logits. A model family
 without an HF class (YOCO) and an MoE decoder go through safetensors the same way."""
 
@@ -69,11 +69,14 @@ def test_decoder_dcp_hf_dcp_from_every_layout(saved, layout, tmp_path):
     model = reference(configs["decoder"])
     convert("dcp", "hf", root / f"decoder-{layout}", tmp_path / "hf")
     convert("hf", "dcp", tmp_path / "hf", tmp_path / "back")
-    back = load_model_weights(tmp_path / "back" / "checkpoints" / "step_00000000")
+    convert("dcp", "megatron", root / f"decoder-{layout}", tmp_path / "megatron")
+    convert("megatron", "dcp", tmp_path / "megatron", tmp_path / "back-megatron")
     expected = dict(model.named_parameters())
-    assert back.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(back[name], tensor), name
+    for back_dir, step in (("back", 0), ("back-megatron", 3)):
+        back = load_model_weights(tmp_path / back_dir / "checkpoints" / f"step_{step:08d}")
+        assert back.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(back[name], tensor), (back_dir, name)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
