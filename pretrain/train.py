@@ -241,6 +241,10 @@ class Trainer:
         config = self.config
         stop = StopRequest().install()
         resumed_from = self.resume()
+        if resumed_from is None and config.init_from:
+            from pretrain.convert.init import load_initial_weights
+
+            resumed_from = f"{load_initial_weights(self.parts, config.init_from, self.run_dir)} (model.init_from, weights only)"
         self.log = MetricsLogger(
             self.run_dir, config.logging, config.train.max_steps, self.step, config.to_dict(),
             is_main=self.dist.is_main,
