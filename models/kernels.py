@@ -1,8 +1,14 @@
-"""The kernel switch (``model.kernels``): which implementation computes the loss head.
+"""The kernel switch (``model.kernels``): which implementation computes the norms, the gated
+FFN product, the rotary embedding and the loss head.
 
     model:
-      kernels: {loss: chunked}
+      kernels: {norm: compile, swiglu: compile, rope: torch, loss: chunked}
 
+- ``norm`` (RMSNorm), ``swiglu`` (silu(gate)·up of the SwiGLU FFN), ``rope`` (rotary embedding
+  of q and k): ``torch`` (default; the lean autograd Functions of models/norm.py and
+  models/ffn/swiglu.py, plain ops for RoPE), ``compile`` (the plain ops through torch.compile:
+  one fused kernel per call, any device), ``liger`` (liger-kernel's Triton kernels: CUDA GPUs).
+  Tensor-parallel DTensor activations always take the plain ops.
 - ``loss``: ``torch`` (default) — the head writes [tokens, vocab] logits and models/loss.py
   takes the cross entropy; ``chunked`` — the head GEMM and the loss fused in chunks of tokens,
   pure torch, any device (models/fused_loss.py); ``liger`` — liger-kernel's fused linear cross
@@ -28,20 +34,48 @@ import torch
 from models.fused_loss import linear_cross_entropy
 
 LOSS_KERNELS = ("torch", "chunked", "liger")
+OP_KERNELS = ("torch", "compile", "liger")
 
 
 @dataclass
 class KernelsConfig:
+    norm: str = "torch"
+    swiglu: str = "torch"
+    rope: str = "torch"
     loss: str = "torch"
 
     def problems(self, prefix: str = "model.kernels") -> list[str]:
+        errors = []
+        for name in ("norm", "swiglu", "rope"):
+            if getattr(self, name) not in OP_KERNELS:
+                errors.append(f"{prefix}.{name} {getattr(self, name)!r} is unknown; choose one of {list(OP_KERNELS)}")
         if self.loss not in LOSS_KERNELS:
-            return [f"{prefix}.loss {self.loss!r} is unknown; choose one of {list(LOSS_KERNELS)}"]
-        return []
+            errors.append(f"{prefix}.loss {self.loss!r} is unknown; choose one of {list(LOSS_KERNELS)}")
+        return errors
 
     @property
     def fused_loss(self) -> bool:
         return self.loss != "torch"
+
+
+def apply_kernels(model: torch.nn.Module, kernels: KernelsConfig) -> None:
+    """Point every module that declares a ``kernel_slot`` (``"norm"``, ``"swiglu"``, ``"rope"``)
+    at the implementation ``kernels`` chooses for it (its ``kernel`` attribute)."""
+    for module in model.modules():
+        slot = getattr(module, "kernel_slot", None)
+        if slot is not None:
+            module.kernel = getattr(kernels, slot)
+
+
+def liger_function(name: str, device: torch.device, key: str):
+    """liger-kernel's functional ``name`` (liger_kernel.transformers.functional), or an error
+    saying why it cannot run here and what runs instead (``key``: the config key)."""
+    problem = liger_refusal(device)
+    if problem is not None:
+        raise RuntimeError(f"{key}=liger cannot run: {problem}; use {key}=torch or {key}=compile")
+    from liger_kernel.transformers import functional
+
+    return getattr(functional, name)
 
 
 def liger_refusal(device: torch.device) -> str | None:

@@ -26,7 +26,7 @@ from models.config import MixerConfig
 from models.context import ForwardContext
 from models.linear import Linear
 from models.plans import Colwise, Rowwise
-from models.rope import apply_rope
+from models.rope import rotate_qk
 from models.spec import register_mixer
 
 
@@ -79,6 +79,8 @@ class AttentionConfig(MixerConfig):
 
 
 class Attention(nn.Module):
+    kernel_slot = "rope"  # model.kernels.rope chooses ``kernel``, the RoPE implementation (models/kernels.py)
+
     def __init__(
         self,
         d_model: int,
@@ -94,6 +96,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.layer_id = layer_id
         self.window = window
+        self.kernel = "torch"
         self.backend = get_backend(backend)
         self.wq = Linear(d_model, n_heads * head_dim)
         self.wk = Linear(d_model, n_kv_heads * head_dim)
@@ -132,7 +135,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         cos, sin = ctx.rope[self.head_dim]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotate_qk(q, k, cos, sin, self.kernel)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if ctx.state is not None:
             k, v = ctx.state.layers[self.layer_id].append(k, v)

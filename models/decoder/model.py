@@ -25,7 +25,7 @@ from torch import nn
 from models.attention.layer import prepare_self_attention
 from models.block import Block
 from models.context import DecodeState, ForwardContext, forward_positions
-from models.kernels import head_loss
+from models.kernels import apply_kernels, head_loss
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Tokenwise, VocabEmbedding, VocabHead
@@ -51,6 +51,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = Linear(config.d_model, config.vocab_size)
         self.loss_settings = LossSettings()  # the trainer's, set by the runner (fused loss head)
+        apply_kernels(self, config.kernels)
         self.init_weights()
 
     @property

@@ -30,7 +30,7 @@ from models.attention.layer import prepare_self_attention
 from models.attention.spec import AttentionSpec
 from models.block import Block
 from models.context import DecodeState, ForwardContext, forward_positions
-from models.kernels import head_loss
+from models.kernels import apply_kernels, head_loss
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Colwise, GatherInputs, Rowwise, Tokenwise, VocabEmbedding, VocabHead
@@ -116,6 +116,7 @@ class Yoco(nn.Module):
         self.norm = RMSNorm(d, config.norm_eps)
         self.head = Linear(d, config.vocab_size)
         self.loss_settings = LossSettings()  # the trainer's, set by the runner (fused loss head)
+        apply_kernels(self, config.kernels)
         self.init_weights()
 
     @property
