@@ -82,7 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     g = g.float()
                     dist.all_reduce(g, group=group)
                 grad_h[rows] = g
-                if h.dtype == torch.float32:
+                if h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
                     grad_w.addmm_(d_logits.t(), h)
                 else:
                     grad_w.add_(d_logits.t() @ h)
