@@ -117,10 +117,11 @@ def _liger_head_loss(hidden, weight, labels, loss_mask, z_loss: float) -> torch.
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     targets = labels if loss_mask is None else labels.masked_fill(loss_mask == 0, -100)
-    total, z = liger_fused_linear_cross_entropy(
+    result = liger_fused_linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), ignore_index=-100,
         lse_square_scale=z_loss, reduction="sum", return_z_loss=True,
     )
+    total, z = (result.loss, result.z_loss) if hasattr(result, "loss") else result  # 0.8: an output object
     # The three sums spread evenly over the tokens: the same layout and the same sums (and the
     # first column's gradient is the same for every token, as the loss sums it).
     tokens = labels.numel()
