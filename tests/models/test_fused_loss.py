@@ -89,6 +89,9 @@ def test_a_model_with_the_chunked_loss_matches_the_plain_one(family):
     torch.testing.assert_close(metrics["z_loss"], expected_metrics["z_loss"], rtol=1e-6, atol=0)
     for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
         assert relative(p.grad, q.grad) < 1e-5, name
+    with torch.no_grad():  # evaluation: the same loss, no gradient computed
+        evaluated, _ = causal_lm.loss(fused(*args, **kwargs), targets, 50.0, fused.loss_settings)
+    assert not evaluated.requires_grad and relative(evaluated, expected.detach()) < 1e-6
     # Without labels (generation) the model still returns logits.
     torch.testing.assert_close(fused(batch["input_ids"]), plain(batch["input_ids"]))
 
