@@ -3,9 +3,10 @@
 
 A batch holds ``input_ids``, ``labels``, ``position_ids``, ``doc_ids`` and ``loss_mask``, each
 [B, S]. The model takes the ids (first pipeline stage) plus positions and document ids (every
-stage); the loss takes the labels and the mask. With ``inputs_with_token_ids`` the model also gets the labels and the mask: a
-fused loss head (``model.kernels.loss``, models/kernels.py) computes the loss in the forward
-without writing the logits, and returns per-token loss contributions that ``loss`` sums.
+stage); the loss takes the labels and the mask. With ``inputs_with_token_ids`` the model also
+gets the labels and the mask: a fused loss head (``model.kernels.loss``, models/kernels.py)
+computes the loss in the forward without writing the logits, and returns per-token loss
+contributions that ``loss`` sums.
 """
 
 from __future__ import annotations

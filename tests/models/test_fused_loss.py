@@ -105,7 +105,8 @@ def test_unknown_loss_kernel_is_a_config_error_naming_the_key():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_liger_is_refused_without_a_gpu():
     hidden, weight, labels, mask = problem()
-    with pytest.raises(RuntimeError, match="model.kernels.loss=liger cannot run: .*CUDA GPU.*use model.kernels.loss=chunked"):
+    refusal = "model.kernels.loss=liger cannot run: .*CUDA GPU.*use model.kernels.loss=chunked"
+    with pytest.raises(RuntimeError, match=refusal):
         head_loss("liger", hidden, weight, labels, mask, 0.0)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models import causal_lm
 from models.decoder.config import DecoderConfig
 from models.ffn.swiglu import gated_product
 from models.kernels import KernelsConfig
@@ -55,7 +56,8 @@ def _check(kind: str, kernel: str, device: str, dtype, rtol: float, atol: float)
     for run in (_reference, lambda *a: _switched(kind, kernel, *a)):
         x, k, weight, cos, sin = _inputs(device, dtype)
         outs = run(kind, x, k, weight, cos, sin) if run is _reference else run(x, k, weight, cos, sin)
-        probes = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(device, dtype) for i, o in enumerate(outs)]
+        seeded = [torch.Generator().manual_seed(i) for i in range(len(outs))]
+        probes = [torch.randn(o.shape, generator=g).to(device, dtype) for o, g in zip(outs, seeded)]
         sum(((o * p).float().sum() for o, p in zip(outs, probes))).backward()
         grads = [t.grad for t in (x, k, weight) if t.grad is not None]
         results.append(([o.detach() for o in outs], grads))
@@ -75,7 +77,8 @@ def test_torch_and_compiled_kernels_equal_the_plain_ops(kind):
 @pytest.mark.parametrize("kind", ["norm", "swiglu", "rope"])
 def test_liger_is_refused_without_a_gpu(kind):
     x, k, weight, cos, sin = _inputs()
-    with pytest.raises(RuntimeError, match=rf"model.kernels.{kind}=liger cannot run: .*CUDA GPU.*use model.kernels.{kind}=torch"):
+    refusal = rf"model.kernels.{kind}=liger cannot run: .*CUDA GPU.*use model.kernels.{kind}=torch"
+    with pytest.raises(RuntimeError, match=refusal):
         _switched(kind, "liger", x, k, weight, cos, sin)
 
 
@@ -84,8 +87,10 @@ def test_the_switch_reaches_every_module_and_names_unknown_choices():
     model = build_model(dataclasses.replace(TINY, kernels=kernels))
     chosen = {(m.kernel_slot, m.kernel) for m in model.modules() if hasattr(m, "kernel_slot")}
     assert chosen == {("norm", "compile"), ("swiglu", "liger"), ("rope", "compile")}
-    assert sum(hasattr(m, "kernel_slot") for m in model.modules()) == 4 * 4 + 1  # 2 norms, attention, FFN per block; final norm
-    with pytest.raises(ValueError, match=r"model.kernels.rope 'triton' is unknown; choose one of \['torch', 'compile', 'liger'\]"):
+    # Per block: 2 norms, the attention (RoPE) and the FFN; then the final norm.
+    assert sum(hasattr(m, "kernel_slot") for m in model.modules()) == 4 * 4 + 1
+    unknown = r"model.kernels.rope 'triton' is unknown; choose one of \['torch', 'compile', 'liger'\]"
+    with pytest.raises(ValueError, match=unknown):
         DecoderConfig.from_dict({"family": "decoder", "kernels": {"rope": "triton"}})
 
 
@@ -109,8 +114,6 @@ def test_a_model_on_gpu_with_every_kernel_switched_matches_the_torch_path(kernel
         torch.manual_seed(0)
         model = build_model(dataclasses.replace(TINY, kernels=kernels)).cuda()
         model.loss_settings = dataclasses.replace(model.loss_settings, fused_head=kernels.fused_loss)
-        from models import causal_lm
-
         batch = {key: value.cuda() for key, value in global_batch(0, batch=2).items()}
         args, kwargs = causal_lm.inputs_with_token_ids(batch)
         loss, _ = causal_lm.loss(model(*args, **kwargs), causal_lm.targets(batch), None, model.loss_settings)
