@@ -44,9 +44,13 @@ class KindSpec:
 
 @dataclass(frozen=True)
 class LossSettings:
-    """Loss options the trainer passes to every family's loss (``train.z_loss``)."""
+    """Loss options the trainer passes to every family's loss (``train.z_loss``), and to the
+    modules that have a ``loss_settings`` attribute (a fused loss head computes the loss inside
+    the model's forward). ``fused_head``: the model's output is per-token loss contributions
+    (models/fused_loss.py), not logits; the runner sets it from the model's ``fused_loss``."""
 
     z_loss: float = 0.0
+    fused_head: bool = False
 
 
 @dataclass(frozen=True)

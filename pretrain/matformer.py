@@ -115,7 +115,8 @@ def sweep_main(checkpoint, output, choices: list[list[int]] | None = None, batch
         with torch.no_grad():
             for batch in valid:
                 args, kwargs = spec.inputs(batch)
-                loss, _ = spec.loss(model(*args, **kwargs), spec.targets(batch), 1.0, LossSettings())
+                settings = LossSettings(fused_head=getattr(model, "fused_loss", False))
+                loss, _ = spec.loss(model(*args, **kwargs), spec.targets(batch), 1.0, settings)
                 total += float(loss)
                 tokens += float(spec.loss_tokens(batch))
         counts = param_counts(extract_config(model.config, widths))

@@ -27,7 +27,7 @@ from models.context import ForwardContext
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Colwise, Rowwise
-from models.rope import apply_rope
+from models.rope import rotate_qk
 from models.spec import register_mixer
 
 
@@ -91,6 +91,8 @@ this epsilon; None: none."""
 
 
 class Attention(nn.Module):
+    kernel_slot = "rope"  # model.kernels.rope chooses ``kernel``, the RoPE implementation (models/kernels.py)
+
     def __init__(
         self,
         d_model: int,
@@ -107,6 +109,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.layer_id = layer_id
         self.window = window
+        self.kernel = "torch"
         self.backend = get_backend(backend)
         self.wq = Linear(d_model, n_heads * head_dim)
         self.wk = Linear(d_model, n_kv_heads * head_dim)
@@ -154,7 +157,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = ctx.rope[self.head_dim]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotate_qk(q, k, cos, sin, self.kernel)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if ctx.state is not None:
             k, v = ctx.state.layers[self.layer_id].append(k, v)

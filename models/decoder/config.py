@@ -13,6 +13,7 @@ from models.config import (
 )
 from models.configtree import ConfigError
 from models.ffn.swiglu import SwiGLUConfig
+from models.kernels import KernelsConfig
 
 # Keys of the flat model section before families had their own configs.
 _MOVED = {
@@ -39,6 +40,7 @@ class DecoderConfig(ModelConfig):
     mixer: MixerConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=SwiGLUConfig)
     layer_overrides: list[LayerOverride] = field(default_factory=list)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
     def n_blocks(self) -> int:
@@ -56,6 +58,7 @@ class DecoderConfig(ModelConfig):
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 errors.append(f"model.{name} must be > 0, got {getattr(self, name)}")
+        errors += self.kernels.problems()
         if errors:
             return errors
         try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from models.attention.layer import AttentionConfig
 from models.config import FFNConfig, LayerKinds, MixerConfig, ModelConfig, tied_pipeline_errors
 from models.ffn.swiglu import SwiGLUConfig
+from models.kernels import KernelsConfig
 
 
 @dataclass
@@ -47,6 +48,7 @@ class YocoConfig(ModelConfig):
     mixer: MixerConfig = field(default_factory=lambda: AttentionConfig(window=64))
     cross: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     ffn: FFNConfig = field(default_factory=SwiGLUConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
     def n_self(self) -> int:
@@ -76,6 +78,7 @@ class YocoConfig(ModelConfig):
         errors += self.mixer.problems("model.mixer", self.d_model)
         errors += self.cross.problems("model.cross", self.d_model)
         errors += self.ffn.problems("model.ffn", self.d_model)
+        errors += self.kernels.problems()
         return errors
 
     def tp_sizes(self) -> dict[str, int]:

@@ -31,11 +31,12 @@ from models.attention.layer import prepare_self_attention
 from models.attention.spec import AttentionSpec
 from models.block import Block
 from models.context import DecodeState, ForwardContext, forward_positions
+from models.kernels import apply_kernels, head_loss
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Colwise, GatherInputs, Rowwise, Tokenwise, VocabEmbedding, VocabHead
 from models.rope import apply_rope, rope_tables
-from models.spec import build_ffn, build_mixer
+from models.spec import LossSettings, build_ffn, build_mixer
 
 GLOBAL_KV = "global_kv"  # the decode state's key of the global K,V cache
 
@@ -115,7 +116,14 @@ class Yoco(nn.Module):
         })
         self.norm = RMSNorm(d, config.norm_eps)
         self.head = Linear(d, config.vocab_size)
+        self.loss_settings = LossSettings()  # the trainer's, set by the runner (fused loss head)
+        apply_kernels(self, config.kernels)
         self.init_weights()
+
+    @property
+    def fused_loss(self) -> bool:
+        """Whether a forward with labels returns per-token loss contributions (models/kernels.py)."""
+        return self.config.kernels.fused_loss
 
     # ------------------------------------------------------------ structure
     def block_names(self) -> list[str]:
@@ -177,9 +185,13 @@ class Yoco(nn.Module):
         doc_ids: torch.Tensor | None = None,
         state: DecodeState | None = None,
         token_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
     ):
         """Logits [B, S, vocab] (a prompt chunk with ``state.prefill``: [B, 1, vocab], see the
-        module doc).
+        module doc); with ``labels`` (and ``loss_mask``) [B, S] and a fused loss head
+        (``model.kernels.loss``), per-token loss contributions [B, S, 3] instead
+        (models/fused_loss.py).
 
         A pipeline stage (modules of other stages removed) takes what the previous one returned:
         hidden states [B, S, d] while inside the self-decoder, then (hidden, K, V); it returns
@@ -218,4 +230,7 @@ class Yoco(nn.Module):
                 h = block(h, ctx)
         if self.head is None:  # to the next pipeline stage (point-to-point sends need contiguous tensors)
             return h, k.contiguous(), v.contiguous()
+        if labels is not None and self.fused_loss:
+            return head_loss(self.config.kernels.loss, self.norm(h), self.head.weight, labels, loss_mask,
+                             self.loss_settings.z_loss)
         return self.head(self.norm(h))
