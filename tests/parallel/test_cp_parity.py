@@ -1,5 +1,5 @@
-"""Context parallelism trains like one process: CP2 and CP4 (ring), the all-to-all option, and CP
-combined with TP2(+SP) and with FSDP2, for 5 steps on packed documents (full causal attention
+"""Context parallelism trains like one process: CP2 and CP4 (ring), the all-to-all option, CP
+combined with TP2(+SP) and with FSDP2, and YOCO (windowed self-decoder, cross-decoder), for 5 steps on packed documents (full causal attention
 and a sliding window), each with the losses and gradient norms of an independent
 single-process loop (tests/parallel/workloads.py); and the first step's gradients, parameter by
 parameter, equal that loop's, on packed documents and on one causal document per row."""
@@ -15,6 +15,7 @@ from pretrain.names import clean_key
 from pretrain.parallel.config import ParallelConfig
 from tests.parallel.launch import launches_by_world
 from tests.parallel.test_parity import check_ranks
+from tests.parallel.test_yoco_parity import YOCO
 from tests.parallel.workloads import (
     GLOBAL_BATCH, SEED, TINY, ParallelTraining, cut, decoder_loss, global_batch, reference_run, train_layouts, variant,
 )
@@ -24,6 +25,7 @@ CONFIGS = {
     "causal": TINY,
     "window": variant(TINY, mixer=dict(window=6)),
     "kv4": variant(TINY, mixer=dict(n_heads=4, n_kv_heads=4)),
+    "yoco": YOCO,  # sliding-window self-decoder, cross-decoder over the one global K,V
 }
 LAYOUTS = {
     2: {
@@ -31,6 +33,7 @@ LAYOUTS = {
         "cp2_window": (dict(cp=2, dp_shard=1), 2, "window"),
         "cp2_alltoall": (dict(cp=2, dp_shard=1, cp_mode="alltoall"), 2, "causal"),
         "cp2_alltoall_window": (dict(cp=2, dp_shard=1, cp_mode="alltoall"), 2, "window"),
+        "cp2_yoco": (dict(cp=2, dp_shard=1), 2, "yoco"),
     },
     4: {
         "cp4": (dict(cp=4, dp_shard=1), 2, "causal"),
@@ -40,12 +43,13 @@ LAYOUTS = {
         "cp2_tp2_sp": (dict(cp=2, tp=2, sp=True), 2, "window"),
         "cp2_fsdp2": (dict(cp=2, dp_shard=2), 2, "causal"),
         "cp2_fsdp2_alltoall": (dict(cp=2, dp_shard=2, cp_mode="alltoall"), 1, "window"),
+        "cp4_yoco": (dict(cp=4, dp_shard=1), 2, "yoco"),
     },
 }
 CASES = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
 
 
-GRADIENT_LAYOUTS = {2: ("cp2", "cp2_alltoall"), 4: ("cp4", "cp2_tp2_sp", "cp2_fsdp2")}
+GRADIENT_LAYOUTS = {2: ("cp2", "cp2_alltoall", "cp2_yoco"), 4: ("cp4", "cp2_tp2_sp", "cp2_fsdp2", "cp4_yoco")}
 
 
 def first_batch(documents: bool) -> dict:
@@ -106,7 +110,17 @@ def launched():
 
 @pytest.mark.parametrize("world, name", CASES, ids=[name for _, name in CASES])
 def test_context_parallel_matches_one_process(world, name, reference, launched):
-    check_ranks([result[name] for result in launched(world)], reference[LAYOUTS[world][name][2]])
+    config = LAYOUTS[world][name][2]
+    per_rank = [result[name] for result in launched(world)]
+    if config != "yoco":
+        check_ranks(per_rank, reference[config])
+        return
+    # YOCO's first-step gradients equal one process's to ~1e-8 (the gradient test below), but
+    # Adam turns those rounding differences into loss differences of ~3e-5 by step 3 (measured):
+    # its losses are held to 1e-4.
+    assert all(history == per_rank[0] for history in per_rank)
+    for (loss, norm), (ref_loss, ref_norm) in zip(per_rank[0], reference[config], strict=True):
+        assert loss == pytest.approx(ref_loss, abs=1e-4) and norm == pytest.approx(ref_norm, rel=1e-3)
 
 
 GRADIENT_CASES = [(world, name, documents) for world, names in GRADIENT_LAYOUTS.items() for name in names
