@@ -91,8 +91,9 @@ def test_zigzag_gives_equal_causal_work(cp):
 
 
 def test_shard_sequence_partitions_the_batch():
-    batch = {"input_ids": torch.arange(24).view(2, 12), "loss_mask": torch.ones(2, 12)}
+    batch = {"input_ids": torch.arange(24).view(2, 12), "loss_mask": torch.ones(2, 12), "dataset_id": torch.tensor([4, 5])}
     parts = [shard_sequence(batch, 3, r) for r in range(3)]
+    assert all(torch.equal(p["dataset_id"], batch["dataset_id"]) for p in parts)  # per-row: kept whole
     ids = torch.cat([p["input_ids"] for p in parts], dim=1)
     assert sorted(ids[0].tolist()) == list(range(12))
     positions = torch.cat([p["position_ids"] for p in parts], dim=1)

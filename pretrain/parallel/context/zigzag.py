@@ -24,8 +24,9 @@ def zigzag_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Ten
 
 def shard_sequence(batch: Mapping[str, torch.Tensor], cp: int, rank: int) -> dict[str, torch.Tensor]:
     """This rank's part of a batch of [B, S] tensors (input ids, labels, positions, document ids,
-    loss mask): the zigzag positions of dimension 1. Position ids are added (0..S−1 before the
-    cut) when the batch has none, so rotary embeddings see the global positions."""
+    loss mask): the zigzag positions of dimension 1; per-sequence entries [B] (a dataset id) are
+    kept whole. Position ids are added (0..S−1 before the cut) when the batch has none, so rotary
+    embeddings see the global positions."""
     seq = batch["input_ids"].shape[1]
     full = dict(batch)
     if "position_ids" not in full:
@@ -33,7 +34,10 @@ def shard_sequence(batch: Mapping[str, torch.Tensor], cp: int, rank: int) -> dic
     index = zigzag_positions(seq, cp, rank, batch["input_ids"].device)
     out = {}
     for key, value in full.items():
-        if value.dim() < 2 or value.shape[1] != seq:
+        if value.dim() == 1:
+            out[key] = value
+            continue
+        if value.shape[1] != seq:
             raise ValueError(f"batch entry {key!r} of shape {tuple(value.shape)} is not [B, S={seq}]: cannot cut it")
         out[key] = value.index_select(1, index)
     return out
