@@ -99,3 +99,21 @@ def test_refusals_name_the_fix():
     assert "additive bias" in found["bias"] and "set parallel.cp=1" in found["bias"]
     assert "query/key segments" in found["cross"]
     assert "KV cache" in found["cache"]
+
+
+def test_1b_long_preset_is_the_1b_model_with_a_longer_context():
+    """configs/1b-long.yaml: the 1b model (same parameters) with 64k positions by RoPE position
+    interpolation (16 x the 1b preset's 4096), its sequence cut over cp=8; its layout fits 2 and
+    8 nodes of 8 ranks (the zigzag chunks and the global batch divide)."""
+    from pretrain.config import load_config, validate
+
+    long, base = load_config("1b-long"), load_config("1b")
+    assert long.data.seq_len == long.model.max_seq_len == base.model.max_seq_len * long.model.rope_interpolation
+    assert 32768 <= long.data.seq_len <= 131072
+    same = dataclasses.replace(long.model, max_seq_len=base.model.max_seq_len, rope_interpolation=1.0)
+    assert same == base.model
+    for world in (16, 64):
+        validate(long, world)
+    dims = check_layout(long.parallel, long.model, 16, global_batch=long.train.global_batch,
+                        micro_batch=long.train.micro_batch, seq_len=long.data.seq_len)
+    assert (dims.cp, dims.dp_shard, dims.fsdp) == (8, 2, True)

@@ -11,8 +11,11 @@ dK/dV of the block it holds to an accumulator that travels with the block, one h
 arrives back at the block's owner after cp hops; dQ stays local. Scores are recomputed from the
 saved q, k, v, output and log-sum-exp (nothing of size S² is kept between forward and backward).
 
-Arithmetic is fp32 (explicit scores per block): the reference implementation that a fused kernel
-returning a log-sum-exp (flash attention) can replace block by block.
+K/V travel in the model's dtype, the dK/dV accumulators in fp32. Per layer and micro-batch a rank
+sends (cp−1) K/V blocks forward, (cp−1) K/V blocks and cp accumulators backward, each block
+2·B·Hkv·(S/cp)·D elements. Arithmetic is fp32 (explicit scores per block): the reference
+implementation that a fused kernel returning a log-sum-exp (flash attention) can replace block
+by block.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    scores = (q @ expand_kv(k, q.shape[1]).transpose(-1, -2)) * scale
+    scores = (q @ expand_kv(k.float(), q.shape[1]).transpose(-1, -2)) * scale
     return scores.masked_fill(~mask, float("-inf"))
 
 
@@ -84,7 +87,7 @@ def _block_forward(q, k, v, mask, scale) -> tuple[torch.Tensor, torch.Tensor]:
     scores = _scores(q, k, mask, scale)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - _finite(lse)[..., None])
-    return probs @ expand_kv(v, q.shape[1]), lse
+    return probs @ expand_kv(v.float(), q.shape[1]), lse
 
 
 def _block_backward(q, k, v, d_out, delta, lse, mask, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,8 +95,8 @@ def _block_backward(q, k, v, d_out, delta, lse, mask, scale) -> tuple[torch.Tens
     heads, kv_heads = q.shape[1], k.shape[1]
     probs = torch.exp(_scores(q, k, mask, scale) - lse[..., None])
     dv = probs.transpose(-1, -2) @ d_out
-    d_scores = probs * (d_out @ expand_kv(v, heads).transpose(-1, -2) - delta[..., None])
-    dq = (d_scores @ expand_kv(k, heads)) * scale
+    d_scores = probs * (d_out @ expand_kv(v.float(), heads).transpose(-1, -2) - delta[..., None])
+    dq = (d_scores @ expand_kv(k.float(), heads)) * scale
     dk = (d_scores.transpose(-1, -2) @ q) * scale
     if kv_heads != heads:  # each KV head served heads/kv_heads query heads: sum their gradients
         batch, _, seq, dim = dk.shape
@@ -107,7 +110,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: RingPlan):
         scale = q.shape[-1] ** -0.5 if plan.scale is None else plan.scale
         q32 = q.float()
-        current = torch.stack([k, v]).float()
+        current = torch.stack([k, v])  # sent in the model's dtype, attended in fp32
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
         for step in range(plan.size):
@@ -138,7 +141,7 @@ class _RingAttention(torch.autograd.Function):
         delta = (d_out * out).sum(-1)
         lse = _finite(lse)
         dq = torch.zeros_like(q32)
-        current = torch.stack([k, v]).float()
+        current = torch.stack([k, v])
         grad, grad_pending, grad_incoming = None, [], None
         for step in range(plan.size):
             source = (plan.rank - step) % plan.size
@@ -154,7 +157,7 @@ class _RingAttention(torch.autograd.Function):
             # The accumulator of this block's dK/dV comes from the previous rank (none at step 0).
             for work in grad_pending:
                 work.wait()
-            grad = torch.zeros_like(current) if grad_incoming is None else grad_incoming
+            grad = torch.zeros_like(current, dtype=torch.float32) if grad_incoming is None else grad_incoming
             if part is not None:
                 grad += part
             if plan.size > 1:
