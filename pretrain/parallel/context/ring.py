@@ -129,6 +129,9 @@ class _RingAttention(torch.autograd.Function):
                 work.wait()
             if incoming is not None:
                 current = incoming
+        # In [B, S, H, D] memory, as SDPA returns it: the layer's reshape to [B, S, H·D] for its
+        # output projection is then a view, and the saved output and that input share storage.
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
         ctx.plan, ctx.scale = plan, scale
         ctx.save_for_backward(q, k, v, out, lse)
         return out.to(q.dtype)
