@@ -34,6 +34,7 @@ class DecoderConfig(ModelConfig):
     n_layers: int = 8
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_interpolation: float = 1.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -55,7 +56,7 @@ class DecoderConfig(ModelConfig):
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
             if getattr(self, name) <= 0:
                 errors.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("rope_theta", "rope_interpolation", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 errors.append(f"model.{name} must be > 0, got {getattr(self, name)}")
         errors += self.kernels.problems()

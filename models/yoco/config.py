@@ -42,6 +42,7 @@ class YocoConfig(ModelConfig):
     self_layers: int | None = None
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_interpolation: float = 1.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -68,6 +69,8 @@ class YocoConfig(ModelConfig):
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
             if getattr(self, name) <= 0:
                 errors.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.rope_interpolation > 0:
+            errors.append(f"model.rope_interpolation must be > 0 (1: plain RoPE), got {self.rope_interpolation}")
         if errors:
             return errors
         if not 1 <= self.n_self < self.n_layers:

@@ -202,7 +202,8 @@ class Yoco(nn.Module):
         past, position_ids = forward_positions(h, self.config.max_seq_len, position_ids, doc_ids, state)
         mixers = [block.mixer for block in self.self_layers.values()]
         head_dims = {m.head_dim for m in mixers} | {self.head_dim}
-        rope = {d: rope_tables(position_ids, d, self.config.rope_theta, h.dtype) for d in head_dims}
+        theta, interpolation = self.config.rope_theta, self.config.rope_interpolation
+        rope = {d: rope_tables(position_ids, d, theta, h.dtype, interpolation) for d in head_dims}
         ctx = ForwardContext(
             rope=rope, attention=prepare_self_attention(mixers, seq, past, doc_ids, h.device), segments=doc_ids,
             state=state, token_ids=token_ids if token_ids is not None or self.embed is None else input_ids,
