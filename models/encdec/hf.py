@@ -91,7 +91,9 @@ class T5Adapter(HFAdapter):
         hf.tie_word_embeddings = config.tie_embeddings
         return hf
 
-    def config_from_hf(self, hf, backend: str = "sdpa"):
+    def config_from_hf(self, hf, backend: str = "sdpa", max_seq_len: int = 512, max_target_len: int = 128):
+        """Our config of an HF T5 config. T5 has no length limit (relative positions): our
+        ``max_seq_len`` and ``max_target_len`` are given here."""
         from models.encdec.config import EncDecConfig
 
         if hf.feed_forward_proj not in ("gated-gelu", "relu"):
@@ -104,6 +106,8 @@ class T5Adapter(HFAdapter):
             encoder_layers=hf.num_layers,
             decoder_layers=hf.num_decoder_layers,
             n_heads=hf.num_heads,
+            max_seq_len=max_seq_len,
+            max_target_len=max_target_len,
             head_dim=None if hf.d_kv * hf.num_heads == hf.d_model else hf.d_kv,
             position="relative",
             relative_buckets=hf.relative_attention_num_buckets,
