@@ -103,7 +103,9 @@ def test_a_random_transformers_model_converts_and_files_round_trip(tmp_path):
 def test_greedy_generation_equals_transformers(overrides):
     torch.manual_seed(2)
     model = build_model(_config(**overrides)).eval()
-    _perturb_norms(model)
+    with torch.no_grad():  # weights far from init, so that greedy decoding does not settle on one token
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
     hf = T5_ADAPTER.to_hf_model(model)
     inputs = torch.randint(2, 211, (3, 25))
     ours = generate(model, inputs, max_new_tokens=20)
