@@ -18,6 +18,7 @@ SPEC = register_family(
         loss_tokens=objective.loss_tokens,
         loss=objective.loss,
         hf=(T5_ADAPTER,),
+        task=objective.task,
     )
 )
 

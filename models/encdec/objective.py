@@ -40,3 +40,20 @@ def loss(
     return language_model_loss(
         logits, targets["labels"], targets["loss_mask"], z_loss=settings.z_loss, normalizer=normalizer
     )
+
+
+def task(model_config, data_config, split_name: str, num_samples: int | None):
+    """Span-corruption rows over the run's shards (data/span_corruption.py), sentinels at the end
+    of the model's vocabulary; the model must hold the rows' lengths."""
+    from data.span_corruption import build_span_corruption
+
+    dataset, fingerprint = build_span_corruption(
+        data_config, split_name, num_samples, vocab_size=model_config.vocab_size,
+        decoder_start_id=model_config.decoder_start_id,
+    )
+    if data_config.seq_len > model_config.max_seq_len or dataset.targets_length > model_config.max_target_len:
+        raise ValueError(
+            f"span-corruption rows are {data_config.seq_len} encoder and {dataset.targets_length} decoder tokens; "
+            f"set model.max_seq_len >= {data_config.seq_len} and model.max_target_len >= {dataset.targets_length}"
+        )
+    return dataset, fingerprint
