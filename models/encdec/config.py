@@ -46,7 +46,7 @@ class EncDecConfig(ModelConfig):
     init_factor: float = 1.0
     decoder_start_id: int = 0
     backend: str = "sdpa"
-    ffn: FFNConfig = field(default_factory=lambda: GatedGELUConfig(d_ff=682))
+    ffn: FFNConfig = field(default_factory=lambda: GatedGELUConfig(d_ff=640))
 
     @property
     def n_blocks(self) -> int:

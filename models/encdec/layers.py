@@ -84,10 +84,11 @@ class T5Attention(nn.Module):
     def tp_plan(self) -> dict:
         return {"wq": Colwise(), "wk": Colwise(), "wv": Colwise(), "wo": Rowwise()}
 
-    def core_flops_per_token(self, q_len: int, kv_len: int) -> int:
-        """Forward FLOPs of q·kᵀ and probabilities·v per query: 4·H·D per visible key (S/2 keys
-        in causal self-attention, all ``kv_len`` otherwise)."""
-        keys = q_len / 2 if self.role == "decoder" else kv_len
+    def core_flops_per_token(self, seq_len: int, kv_len: int | None = None) -> int:
+        """Forward FLOPs of q·kᵀ and probabilities·v per query: 4·H·D per visible key — S/2 in
+        causal self-attention, all ``kv_len`` keys otherwise (default: ``seq_len``, the generic
+        per-token count's assumption of equal encoder and decoder lengths)."""
+        keys = seq_len / 2 if self.role == "decoder" else (seq_len if kv_len is None else kv_len)
         return round(4 * self.n_heads * self.head_dim * keys)
 
     def new_state(self, batch: int, max_len: int, dtype: torch.dtype, device):
