@@ -26,6 +26,7 @@ are those of the GPT loader (data/loader.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,3 +221,41 @@ def build_span_corruption(
     fingerprint = {**data_fingerprint(window_config, windows, split_name), "span_corruption": dataclasses.asdict(span),
                    "rows": [config.seq_len, dataset.targets_length], "vocab_size": vocab_size}
     return dataset, fingerprint
+
+
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+def encode_with_sentinels(tokenizer, text: str, vocab_size: int) -> list[int]:
+    """Token ids of ``text`` with each ``<extra_id_j>`` as sentinel j (id ``vocab_size − 1 − j``)."""
+    extra = vocab_size - tokenizer.vocab_size
+    ids, at = [], 0
+    for match in _SENTINEL.finditer(text):
+        j = int(match.group(1))
+        if not 0 <= j < extra:
+            raise DataError(f"{match.group(0)}: this model has {extra} sentinel extra ids (<extra_id_0> .. <extra_id_{extra - 1}>)")
+        if text[at : match.start()].strip():
+            ids += tokenizer.encode(text[at : match.start()])
+        ids.append(vocab_size - 1 - j)
+        at = match.end()
+    if text[at:].strip():
+        ids += tokenizer.encode(text[at:])
+    return ids
+
+
+def decode_with_sentinels(tokenizer, ids: list[int], vocab_size: int) -> str:
+    """Text of ``ids``, sentinels written ``<extra_id_j>``."""
+    extra = vocab_size - tokenizer.vocab_size
+    pieces, run = [], []
+    for token in ids:
+        marker = sentinel_text(token, vocab_size, extra)
+        if marker is None:
+            run.append(token)
+            continue
+        if run:
+            pieces.append(tokenizer.decode(run))
+        pieces.append(marker)
+        run = []
+    if run:
+        pieces.append(tokenizer.decode(run))
+    return " ".join(piece.strip() for piece in pieces if piece.strip())

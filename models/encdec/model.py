@@ -37,6 +37,8 @@ def _positions(positions: torch.Tensor | None, batch: int, start: int, length: i
 
 
 class EncoderDecoder(nn.Module):
+    seq2seq = True  # generation answers an input (``generate``) rather than continuing a prompt
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -112,6 +114,12 @@ class EncoderDecoder(nn.Module):
             for attention in block.attentions():
                 layers[attention.state_key] = attention.new_state(batch, max_len, dtype, device)
         return DecodeState(layers, max_len)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """Decoder tokens [B, 1 + n] answering encoder inputs [B, Se] (models/encdec/generate.py)."""
+        from models.encdec.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
 
     # -------------------------------------------------------------- forward
     def _prepare(self, attention: T5Attention, spec: AttentionSpec, q_len: int, kv_len: int, device) -> dict:
