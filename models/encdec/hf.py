@@ -2,14 +2,14 @@
 the original ReLU variant). A renaming; no weight is permuted:
 
     embed.weight                         shared.weight (= {encoder,decoder}.embed_tokens.weight)
-    encoder_bias.weight                  encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight
+    encoder_bias.table.weight            encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight
     encoder.<i>.mixer_norm.weight        encoder.block.<i>.layer.0.layer_norm.weight
     encoder.<i>.mixer.w{q,k,v,o}         encoder.block.<i>.layer.0.SelfAttention.{q,k,v,o}
     encoder.<i>.ffn_norm.weight          encoder.block.<i>.layer.1.layer_norm.weight
     encoder.<i>.ffn.w1 / w3 / w2         encoder.block.<i>.layer.1.DenseReluDense.wi_0 / wi_1 / wo
                                          (relu: w1 / w2 → wi / wo)
     encoder_norm.weight                  encoder.final_layer_norm.weight
-    decoder_bias.weight                  decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight
+    decoder_bias.table.weight            decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight
     decoder.<i>.mixer*                   decoder.block.<i>.layer.0.*  (SelfAttention)
     decoder.<i>.cross_norm / cross.w*    decoder.block.<i>.layer.1.layer_norm / EncDecAttention.*
     decoder.<i>.ffn_norm / ffn.*         decoder.block.<i>.layer.2.*
@@ -128,7 +128,7 @@ class T5Adapter(HFAdapter):
         rules = {"embed.weight": ("shared.weight", TensorRule("embed.weight", "shared.weight"))}
         for stack in ("encoder", "decoder"):
             bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-            rules[f"{stack}_bias.weight"] = (bias, TensorRule(f"{stack}_bias.weight", bias))
+            rules[f"{stack}_bias.table.weight"] = (bias, TensorRule(f"{stack}_bias.table.weight", bias))
             rules.update(expand_rules(_stack_rules(stack, kind), getattr(config, f"{stack}_layers")))
             norm = f"{stack}.final_layer_norm.weight"
             rules[f"{stack}_norm.weight"] = (norm, TensorRule(f"{stack}_norm.weight", norm))

@@ -37,6 +37,18 @@ class EncDecContext(ForwardContext):
     memory: torch.Tensor | None = None
 
 
+class MemoryInput(nn.Module):
+    """The encoder output as the decoder's cross-attentions read it: under tensor parallelism one
+    replicated copy (a single all-gather under SP) that every layer's K/V projections share, and
+    whose gradient is reduced once."""
+
+    def tp_plan(self) -> dict:
+        return {"": GatherInputs((True,))}
+
+    def forward(self, memory: torch.Tensor) -> torch.Tensor:
+        return memory
+
+
 class StaticKV:
     """Cross-attention keys and values of one decoder layer, projected once from the encoder
     output at the first decoding step and reused by every later one."""

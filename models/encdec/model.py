@@ -2,8 +2,8 @@
 embed → decoder blocks (self-attention, cross-attention to the memory, FFN) → RMSNorm → head.
 
 Parameter names (stable; pipeline stages keep them): ``embed.weight`` (shared by both stacks),
-``encoder_bias.weight`` and ``decoder_bias.weight`` (relative position bias tables [buckets,
-heads], with ``position: relative``), ``encoder.<i>.{mixer_norm,mixer,ffn_norm,ffn}.*``,
+``encoder_bias.table.weight`` and ``decoder_bias.table.weight`` (relative position bias tables
+[buckets, heads], with ``position: relative``), ``encoder.<i>.{mixer_norm,mixer,ffn_norm,ffn}.*``,
 ``encoder_norm.weight``, ``decoder.<i>.{mixer_norm,mixer,cross_norm,cross,ffn_norm,ffn}.*``,
 ``decoder_norm.weight``, ``head.weight`` (the embedding's Parameter with ``tie_embeddings``; the
 decoder output is then scaled by d_model^-½ first, as T5).
@@ -21,7 +21,7 @@ from torch import nn
 
 from models.attention.spec import AttentionSpec
 from models.context import DecodeState
-from models.encdec.layers import DecoderBlock, EncDecContext, EncoderBlock, T5Attention
+from models.encdec.layers import DecoderBlock, EncDecContext, EncoderBlock, MemoryInput, T5Attention
 from models.encdec.position import RelativeBias
 from models.linear import Linear
 from models.norm import RMSNorm
@@ -57,6 +57,7 @@ class EncoderDecoder(nn.Module):
             for i in range(n_enc)
         })
         self.encoder_norm = RMSNorm(d, config.norm_eps)
+        self.memory_input = MemoryInput()
         self.decoder_bias = RelativeBias(buckets, distance, heads, bidirectional=False) if relative else None
         self.decoder = nn.ModuleDict({
             str(i): DecoderBlock(
@@ -164,6 +165,7 @@ class EncoderDecoder(nn.Module):
         if state is not None and doc_ids is not None:
             raise ValueError("segment ids with a decode state are not supported: decode one example per row")
         h = self.embed(decoder_input_ids)
+        memory = self.memory_input(memory)
         batch, seq = h.shape[:2]
         past = state.length if state is not None else 0
         if past + seq > self.config.max_target_len:

@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+from models.plans import Colwise
+
 
 def relative_bucket(offset: torch.Tensor, bidirectional: bool, n_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
     """Bucket ids (int64) of key-minus-query offsets ``offset`` (any shape)."""
@@ -37,18 +39,24 @@ def relative_bucket(offset: torch.Tensor, bidirectional: bool, n_buckets: int = 
 
 
 class RelativeBias(nn.Module):
-    """``weight`` [buckets, heads]: the bias table of one stack, shared by its layers."""
+    """``table.weight`` [buckets, heads]: the bias table of one stack, shared by its layers. The
+    table is an embedding over buckets, so tensor parallelism shards it over heads like the
+    attention projections (``Colwise``: each rank looks up its own heads' biases)."""
 
     def __init__(self, n_buckets: int, max_distance: int, n_heads: int, bidirectional: bool):
         super().__init__()
         self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
-        self.weight = nn.Parameter(torch.empty(n_buckets, n_heads))
+        self.table = nn.Embedding(n_buckets, n_heads)
 
     def reset_parameters(self, std: float) -> None:
-        nn.init.normal_(self.weight, std=std)
+        nn.init.normal_(self.table.weight, std=std)
+
+    def tp_plan(self) -> dict:
+        return {"table": Colwise()}
 
     def forward(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
-        """Bias [B, H, Sq, Sk] for query positions [B, Sq] and key positions [B, Sk]."""
+        """Bias [B, H, Sq, Sk] (this rank's heads under TP) for query positions [B, Sq] and key
+        positions [B, Sk]."""
         offset = k_positions[:, None, :] - q_positions[:, :, None]
         buckets = relative_bucket(offset, self.bidirectional, self.n_buckets, self.max_distance)
-        return self.weight[buckets].permute(0, 3, 1, 2)
+        return self.table(buckets).permute(0, 3, 1, 2)
