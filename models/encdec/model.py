@@ -17,12 +17,15 @@ encoder positions, so each example's output equals the example run alone.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from models.attention.backends import get_backend
 
 from models.attention.spec import AttentionSpec
 from models.context import DecodeState
 from models.encdec.layers import DecoderBlock, EncDecContext, EncoderBlock, MemoryInput, T5Attention
-from models.encdec.position import RelativeBias
+from models.encdec.position import RelativeBias, relative_bucket
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Tokenwise, VocabEmbedding, VocabHead
@@ -75,6 +78,18 @@ class EncoderDecoder(nn.Module):
     def block_names(self) -> list[str]:
         return [f"encoder.{k}" for k in self.encoder] + [f"decoder.{k}" for k in self.decoder]
 
+    def pipeline_units(self) -> list[tuple[str, ...]]:
+        """One unit per block; the first also holds the embedding (both stacks embed on the first
+        stage) and the bias tables, the last encoder block the encoder's norm, the last decoder
+        block the decoder's norm and the head."""
+        units = [(name,) for name in self.block_names()]
+        n_enc = self.config.encoder_layers
+        tables = ("encoder_bias", "decoder_bias") if self.config.position == "relative" else ()
+        units[0] = ("embed", *tables, *units[0])
+        units[n_enc - 1] = (*units[n_enc - 1], "encoder_norm")
+        units[-1] = (*units[-1], "decoder_norm", "head")
+        return units
+
     def tp_plan(self) -> dict:
         return {"embed": VocabEmbedding(), "encoder_norm": Tokenwise(), "decoder_norm": Tokenwise(),
                 "head": VocabHead()}
@@ -123,8 +138,9 @@ class EncoderDecoder(nn.Module):
         return generate(self, input_ids, max_new_tokens, **options)
 
     # -------------------------------------------------------------- forward
-    def _prepare(self, attention: T5Attention, spec: AttentionSpec, q_len: int, kv_len: int, device) -> dict:
-        return {attention.attention_key: attention.backend.prepare(spec, q_len, kv_len, device)}
+    def _attention(self, role: str, spec: AttentionSpec, q_len: int, kv_len: int, device) -> dict:
+        backend = get_backend(self.config.backend)
+        return {(role, backend.name): backend.prepare(spec, q_len, kv_len, device)}
 
     def _rope(self, positions: torch.Tensor, dtype) -> dict:
         if self.config.position != "rope":
@@ -132,25 +148,78 @@ class EncoderDecoder(nn.Module):
         head_dim = self.config.resolved_head_dim
         return {head_dim: rope_tables(positions, head_dim, self.config.rope_theta, dtype)}
 
-    def encode(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-        token_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The memory [B, Se, d]: encoder output after its final norm."""
-        h = self.embed(input_ids)
+    def _bias(self, module: RelativeBias | None, table: torch.Tensor | None, bidirectional: bool, q_pos, k_pos):
+        """The relative bias from this stage's table module, or from a table received from the
+        first pipeline stage (None without relative positions)."""
+        if module is not None:
+            return module(q_pos, k_pos)
+        if table is None:
+            return None
+        buckets = relative_bucket(
+            k_pos[:, None, :] - q_pos[:, :, None], bidirectional, self.config.relative_buckets,
+            self.config.relative_max_distance,
+        )
+        return F.embedding(buckets, table).permute(0, 3, 1, 2)
+
+    def _encoder_blocks(self, h, position_ids, doc_ids, table, token_ids) -> torch.Tensor:
         batch, seq = h.shape[:2]
         if seq > self.config.max_seq_len:
             raise ValueError(f"encoder input of {seq} positions exceeds model.max_seq_len={self.config.max_seq_len}")
         positions = _positions(position_ids, batch, 0, seq, h.device)
-        bias = self.encoder_bias(positions, positions) if self.encoder_bias is not None else None
+        bias = self._bias(self.encoder_bias, table, True, positions, positions)
         spec = AttentionSpec(causal=False, scale=self.config.attention_scale, bias=bias, segments=doc_ids)
-        first = next(iter(self.encoder.values())).mixer
         ctx = EncDecContext(
-            rope=self._rope(positions, h.dtype), attention=self._prepare(first, spec, seq, seq, h.device),
-            segments=doc_ids, token_ids=input_ids if token_ids is None else token_ids,
+            rope=self._rope(positions, h.dtype), attention=self._attention("encoder", spec, seq, seq, h.device),
+            segments=doc_ids, token_ids=token_ids,
         )
         for block in self.encoder.values():
             h = block(h, ctx)
+        return h
+
+    def _decoder_blocks(
+        self, h, memory, decoder_input_ids, position_ids, decoder_doc_ids, doc_ids, table, state
+    ) -> torch.Tensor:
+        if (doc_ids is None) != (decoder_doc_ids is None):
+            raise ValueError("packed batches need both doc_ids (encoder) and decoder_doc_ids, or neither")
+        if state is not None and doc_ids is not None:
+            raise ValueError("segment ids with a decode state are not supported: decode one example per row")
+        if self.memory_input is not None:
+            memory = self.memory_input(memory)
+        batch, seq = h.shape[:2]
+        past = state.length if state is not None else 0
+        if past + seq > self.config.max_target_len:
+            raise ValueError(
+                f"decoder input of {past + seq} positions exceeds model.max_target_len={self.config.max_target_len}"
+            )
+        positions = _positions(position_ids, batch, past, seq, h.device)
+        keys = positions if state is None else _positions(None, batch, 0, past + seq, h.device)
+        bias = self._bias(self.decoder_bias, table, False, positions, keys)
+        scale = self.config.attention_scale
+        self_spec = AttentionSpec(causal=True, scale=scale, bias=bias, segments=decoder_doc_ids)
+        cross = AttentionSpec(causal=False, scale=scale, q_segments=decoder_doc_ids, k_segments=doc_ids)
+        attention = self._attention("decoder", self_spec, seq, past + seq, h.device)
+        attention.update(self._attention("cross", cross, seq, memory.shape[1], h.device))
+        ctx = EncDecContext(
+            rope=self._rope(positions, h.dtype), attention=attention, segments=decoder_doc_ids, state=state,
+            token_ids=decoder_input_ids, memory=memory,
+        )
+        for block in self.decoder.values():
+            h = block(h, ctx)
+        if state is not None:
+            state.advance(seq)
+        return h
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.decoder_norm(h)
+        if self.config.tie_embeddings:
+            h = h * self.config.d_model**-0.5
+        return self.head(h)
+
+    def encode(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The memory [B, Se, d]: encoder output after its final norm."""
+        h = self._encoder_blocks(self.embed(input_ids), position_ids, doc_ids, None, input_ids)
         return self.encoder_norm(h)
 
     def decode(
@@ -160,51 +229,50 @@ class EncoderDecoder(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, Sd, vocab] of the decoder over ``memory``. ``doc_ids`` are the encoder's
         segment ids (for cross-attention; with ``decoder_doc_ids``)."""
-        if (doc_ids is None) != (decoder_doc_ids is None):
-            raise ValueError("packed batches need both doc_ids (encoder) and decoder_doc_ids, or neither")
-        if state is not None and doc_ids is not None:
-            raise ValueError("segment ids with a decode state are not supported: decode one example per row")
-        h = self.embed(decoder_input_ids)
-        memory = self.memory_input(memory)
-        batch, seq = h.shape[:2]
-        past = state.length if state is not None else 0
-        if past + seq > self.config.max_target_len:
-            raise ValueError(
-                f"decoder input of {past + seq} positions exceeds model.max_target_len={self.config.max_target_len}"
-            )
-        positions = _positions(decoder_position_ids, batch, past, seq, h.device)
-        keys = positions if state is None else _positions(None, batch, 0, past + seq, h.device)
-        bias = self.decoder_bias(positions, keys) if self.decoder_bias is not None else None
-        scale = self.config.attention_scale
-        block = next(iter(self.decoder.values()))
-        attention = self._prepare(
-            block.mixer, AttentionSpec(causal=True, scale=scale, bias=bias, segments=decoder_doc_ids), seq, past + seq,
-            h.device,
+        h = self._decoder_blocks(
+            self.embed(decoder_input_ids), memory, decoder_input_ids, decoder_position_ids, decoder_doc_ids, doc_ids,
+            None, state,
         )
-        cross = AttentionSpec(causal=False, scale=scale, q_segments=decoder_doc_ids, k_segments=doc_ids)
-        attention.update(self._prepare(block.cross, cross, seq, memory.shape[1], h.device))
-        ctx = EncDecContext(
-            rope=self._rope(positions, h.dtype), attention=attention, segments=decoder_doc_ids, state=state,
-            token_ids=decoder_input_ids, memory=memory,
-        )
-        for block in self.decoder.values():
-            h = block(h, ctx)
-        if state is not None:
-            state.advance(seq)
-        h = self.decoder_norm(h)
-        if self.config.tie_embeddings:
-            h = h * self.config.d_model**-0.5
-        return self.head(h)
+        return self._head(h)
+
+    def _tables(self) -> tuple:
+        """The bias tables the first pipeline stage sends on (copies: a schedule may free what
+        crosses a boundary in place)."""
+        return tuple(b.table.weight.clone() for b in (self.encoder_bias, self.decoder_bias) if b is not None)
 
     def forward(
         self,
         input_ids: torch.Tensor,
+        *carried: torch.Tensor,
         decoder_input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         decoder_position_ids: torch.Tensor | None = None,
         decoder_doc_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, Sd, vocab] for encoder inputs [B, Se] and decoder inputs [B, Sd]."""
-        memory = self.encode(input_ids, position_ids, doc_ids)
-        return self.decode(decoder_input_ids, memory, decoder_position_ids, decoder_doc_ids, doc_ids)
+    ):
+        """Logits [B, Sd, vocab] for encoder inputs [B, Se] and ``decoder_input_ids`` [B, Sd].
+
+        A pipeline stage (modules of other stages removed) returns, until the head, the tuple
+        (encoder hidden states — the memory once the encoder is done —, decoder hidden states,
+        then the relative bias tables of the encoder and the decoder): the first stage embeds
+        both inputs and holds the tables; later stages take that tuple positionally."""
+        if self.embed is not None:
+            h, dec = self.embed(input_ids), self.embed(decoder_input_ids)
+            tables = (None, None)
+        else:
+            h, dec, *received = (input_ids, *carried)
+            tables = tuple(received) if received else (None, None)
+        if self.encoder or self.encoder_norm is not None:
+            token_ids = input_ids if self.embed is not None else None
+            h = self._encoder_blocks(h, position_ids, doc_ids, tables[0], token_ids)
+            if self.encoder_norm is not None:
+                h = self.encoder_norm(h)
+        if self.encoder_norm is not None or not self.encoder:
+            if self.decoder:
+                dec = self._decoder_blocks(
+                    dec, h, decoder_input_ids, decoder_position_ids, decoder_doc_ids, doc_ids, tables[1], None
+                )
+        if self.head is not None:
+            return self._head(dec)
+        sent = self._tables() if self.embed is not None else tuple(t for t in tables if t is not None)
+        return (h.contiguous(), dec.contiguous(), *sent)

@@ -22,8 +22,8 @@ DECODER_KEYS = ("decoder_input_ids", "decoder_position_ids", "decoder_doc_ids", 
 
 
 def inputs(batch: Mapping[str, torch.Tensor]) -> tuple[tuple, dict]:
-    kwargs = {key: batch[key] for key in ("position_ids", "doc_ids", "decoder_position_ids", "decoder_doc_ids")}
-    return (batch["input_ids"], batch["decoder_input_ids"]), kwargs
+    keys = ("decoder_input_ids", "position_ids", "doc_ids", "decoder_position_ids", "decoder_doc_ids")
+    return (batch["input_ids"],), {key: batch[key] for key in keys}
 
 
 def targets(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -67,14 +67,14 @@ def test_logits_match_transformers_both_ways(overrides, lengths):
     inputs = torch.randint(0, 211, (2, lengths[0]))
     decoder = torch.randint(0, 211, (2, lengths[1]))
     with torch.no_grad():
-        ours = model(inputs, decoder)
+        ours = model(inputs, decoder_input_ids=decoder)
         theirs = hf(input_ids=inputs, decoder_input_ids=decoder).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
     back = T5_ADAPTER.from_hf_model(hf, backend="sdpa", max_seq_len=300, max_target_len=40).eval()  # other backend
     assert back.config == EncDecConfig(**{**model.config.__dict__, "backend": "sdpa"})
     with torch.no_grad():
-        torch.testing.assert_close(back(inputs, decoder), theirs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(back(inputs, decoder_input_ids=decoder), theirs, rtol=0, atol=1e-5)
 
 
 def test_a_random_transformers_model_converts_and_files_round_trip(tmp_path):
@@ -90,7 +90,7 @@ def test_a_random_transformers_model_converts_and_files_round_trip(tmp_path):
     inputs, decoder = torch.randint(0, 150, (3, 20)), torch.randint(0, 150, (3, 6))
     with torch.no_grad():
         expected = hf(input_ids=inputs, decoder_input_ids=decoder).logits
-        torch.testing.assert_close(model(inputs, decoder), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(inputs, decoder_input_ids=decoder), expected, rtol=0, atol=1e-5)
     T5_ADAPTER.to_hf_model(model).save_pretrained(tmp_path)
     loaded = T5ForConditionalGeneration.from_pretrained(tmp_path, local_files_only=True).eval()
     assert loaded.lm_head.weight.data_ptr() != loaded.shared.weight.data_ptr()
@@ -121,7 +121,7 @@ def test_cached_decoding_equals_the_full_forward(position):
     model = build_model(_config(position=position, backend="sdpa")).eval()
     inputs, decoder = torch.randint(0, 211, (2, 17)), torch.randint(0, 211, (2, 12))
     with torch.no_grad():
-        full = model(inputs, decoder)
+        full = model(inputs, decoder_input_ids=decoder)
         memory = model.encode(inputs)
         state = model.new_decode_state(2, 12, torch.float32, "cpu")
         steps = [model.decode(decoder[:, :5], memory, state=state)]
@@ -149,9 +149,9 @@ def test_packed_examples_equal_each_example_alone(position, ffn):
     dec_ids, dec_pos = packed(dec_lengths, 2)
     with torch.no_grad():
         logits = model(torch.cat([*encs, torch.zeros(1, 3, dtype=torch.long)], 1),
-                       torch.cat([*decs, torch.zeros(1, 2, dtype=torch.long)], 1),
+                       decoder_input_ids=torch.cat([*decs, torch.zeros(1, 2, dtype=torch.long)], 1),
                        position_ids=enc_pos, doc_ids=enc_ids, decoder_position_ids=dec_pos, decoder_doc_ids=dec_ids)
-        alone = torch.cat([model(e, d) for e, d in zip(encs, decs)], dim=1)
+        alone = torch.cat([model(e, decoder_input_ids=d) for e, d in zip(encs, decs)], dim=1)
     torch.testing.assert_close(logits[:, : sum(dec_lengths)], alone, rtol=0, atol=1e-5)
 
 
