@@ -139,4 +139,12 @@ class T5Adapter(HFAdapter):
         return TensorMap(rules, {}, hf_aliases)
 
 
+    def to_hf_model(self, model):
+        """The transformers model, its stacks' embedding tables made the shared one (as in every
+        T5 checkpoint; an untied T5Config otherwise gives each stack its own table in memory)."""
+        hf = super().to_hf_model(model)
+        hf.set_input_embeddings(hf.shared)
+        return hf
+
+
 T5_ADAPTER = T5Adapter()

@@ -8,7 +8,10 @@ Parameter names (stable; pipeline stages keep them): ``embed.weight`` (shared by
 ``decoder_norm.weight``, ``head.weight`` (the embedding's Parameter with ``tie_embeddings``; the
 decoder output is then scaled by d_model^-½ first, as T5).
 
-Batches of packed examples pass positions that restart at 0 per example and segment ids
+The relative bias is computed once per forward for the row's indices, [1, heads, Sq, Sk]: inside
+one packed example the offset of two row indices is the offset of their positions, and pairs
+from different examples are masked. Batches of packed examples pass positions that restart at 0
+per example (for RoPE) and segment ids
 (``doc_ids`` for the encoder, ``decoder_doc_ids`` for the decoder; equal ids = one example):
 self-attention stays inside an example and cross-attention reaches only the same example's
 encoder positions, so each example's output equals the example run alone.
@@ -166,7 +169,8 @@ class EncoderDecoder(nn.Module):
         if seq > self.config.max_seq_len:
             raise ValueError(f"encoder input of {seq} positions exceeds model.max_seq_len={self.config.max_seq_len}")
         positions = _positions(position_ids, batch, 0, seq, h.device)
-        bias = self._bias(self.encoder_bias, table, True, positions, positions)
+        offsets = _positions(None, 1, 0, seq, h.device)
+        bias = self._bias(self.encoder_bias, table, True, offsets, offsets)
         spec = AttentionSpec(causal=False, scale=self.config.attention_scale, bias=bias, segments=doc_ids)
         ctx = EncDecContext(
             rope=self._rope(positions, h.dtype), attention=self._attention("encoder", spec, seq, seq, h.device),
@@ -192,8 +196,8 @@ class EncoderDecoder(nn.Module):
                 f"decoder input of {past + seq} positions exceeds model.max_target_len={self.config.max_target_len}"
             )
         positions = _positions(position_ids, batch, past, seq, h.device)
-        keys = positions if state is None else _positions(None, batch, 0, past + seq, h.device)
-        bias = self._bias(self.decoder_bias, table, False, positions, keys)
+        queries, keys = _positions(None, 1, past, seq, h.device), _positions(None, 1, 0, past + seq, h.device)
+        bias = self._bias(self.decoder_bias, table, False, queries, keys)
         scale = self.config.attention_scale
         self_spec = AttentionSpec(causal=True, scale=scale, bias=bias, segments=decoder_doc_ids)
         cross = AttentionSpec(causal=False, scale=scale, q_segments=decoder_doc_ids, k_segments=doc_ids)
