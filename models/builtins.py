@@ -8,3 +8,5 @@ import models.yoco  # noqa: F401
 import models.ffn.matformer  # noqa: F401
 import models.ffn.moe  # noqa: F401
 import models.ffn.swiglu  # noqa: F401
+import models.ffn.gated  # noqa: F401
+import models.encdec  # noqa: F401
