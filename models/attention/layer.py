@@ -27,7 +27,7 @@ from models.context import ForwardContext
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Colwise, Rowwise
-from models.rope import apply_rope
+from models.rope import rotate_qk
 from models.spec import register_mixer
 
 
@@ -83,8 +83,16 @@ this epsilon; None: none."""
     def tp_sizes(self, prefix: str, d_model: int) -> dict[str, int]:
         return {f"{prefix}.n_heads": self.n_heads, f"{prefix}.n_kv_heads": self.n_kv_heads}
 
+    def decode_state_bytes(self, d_model: int, batch: int, length: int, element_bytes: int) -> int:
+        """K and V of every position (caches sized for ``length``), or of the last W − 1 with a
+        window W < length."""
+        per_position = 2 * self.n_kv_heads * self.resolved_head_dim(d_model) * element_bytes * batch
+        return per_position * (length if self.window is None or self.window >= length else self.window - 1)
+
 
 class Attention(nn.Module):
+    kernel_slot = "rope"  # model.kernels.rope chooses ``kernel``, the RoPE implementation (models/kernels.py)
+
     def __init__(
         self,
         d_model: int,
@@ -101,6 +109,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.layer_id = layer_id
         self.window = window
+        self.kernel = "torch"
         self.backend = get_backend(backend)
         self.wq = Linear(d_model, n_heads * head_dim)
         self.wk = Linear(d_model, n_kv_heads * head_dim)
@@ -148,7 +157,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = ctx.rope[self.head_dim]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotate_qk(q, k, cos, sin, self.kernel)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if ctx.state is not None:
             k, v = ctx.state.layers[self.layer_id].append(k, v)

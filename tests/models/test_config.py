@@ -51,7 +51,7 @@ def test_validate_lists_every_problem_at_once():
     "section,message",
     [
         ({"family": "t9"}, r"^'model.family' 't9' is unknown; choose one of \[.*'decoder'.*\]$"),
-        ({"mixer": {"kind": "retention"}}, r"^'model.mixer.kind' 'retention' is unknown; choose one of \[.*'attention'.*\]$"),
+        ({"mixer": {"kind": "mamba"}}, r"^'model.mixer.kind' 'mamba' is unknown; choose one of \[.*'attention'.*'retention'.*\]$"),
         ({"ffn": "moe_xl"}, r"^'model.ffn.kind' 'moe_xl' is unknown; choose one of \[.*'swiglu'.*\]$"),
         ({"ffn": {"d_ff": 64}}, r"^'model.ffn.kind' needs a 'kind'; choose one of"),
         ({"ffn": {"kind": "swiglu", "n_heads": 4}}, r"^'model.ffn.n_heads' is not a field of model.ffn kind 'swiglu'; its fields are kind, d_ff$"),
