@@ -149,6 +149,11 @@ def layout_errors(
             f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dims.dp_shard}): expert parallelism "
             "borrows data-parallel ranks; launch more ranks or lower ep"
         )
+    if parallel.ep > 1 and parallel.cp > 1:
+        errors.append(
+            f"parallel.ep={parallel.ep} with parallel.cp={parallel.cp} is not built (expert weights would need "
+            "their gradients summed over the cp ranks too); use one of them"
+        )
     return dims, errors
 
 

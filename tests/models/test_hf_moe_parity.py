@@ -20,10 +20,10 @@ from models.spec import build_model, hf_adapter
 VOCAB = 101
 
 
-def mixtral_config(tie: bool = False, **ffn) -> DecoderConfig:
+def mixtral_config(tie: bool = False, rope_interpolation: float = 1.0, **ffn) -> DecoderConfig:
     return DecoderConfig(
         vocab_size=VOCAB, d_model=64, n_layers=2, max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6,
-        tie_embeddings=tie, mixer=AttentionConfig(n_heads=4, n_kv_heads=2),
+        tie_embeddings=tie, rope_interpolation=rope_interpolation, mixer=AttentionConfig(n_heads=4, n_kv_heads=2),
         ffn=MoEConfig(n_experts=4, top_k=2, d_ff=32, router="topk_softmax", aux_loss_coef=0.02, z_loss_coef=0.0, **ffn),
     )
 
@@ -42,6 +42,7 @@ def qwen3_config(renormalize: bool = False, first_dense: int = 1, tie: bool = Fa
 CASES = {
     "mixtral": (MIXTRAL_ADAPTER, MixtralForCausalLM, mixtral_config()),
     "mixtral_tied": (MIXTRAL_ADAPTER, MixtralForCausalLM, mixtral_config(tie=True)),
+    "mixtral_linear_rope": (MIXTRAL_ADAPTER, MixtralForCausalLM, mixtral_config(rope_interpolation=2.0)),
     "qwen3_moe": (QWEN3_MOE_ADAPTER, Qwen3MoeForCausalLM, qwen3_config()),
     "qwen3_moe_renormalised_all_moe": (QWEN3_MOE_ADAPTER, Qwen3MoeForCausalLM, qwen3_config(True, 0, True)),
 }
