@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from models.attention.layer import AttentionConfig
-from models.decoder.hf import HEAD, RULES, _rope_theta
+from models.decoder.hf import HEAD, RULES, _rope
 from models.ffn.moe.config import MoEConfig
 from models.hf import HFAdapter, TensorMap, TensorRule, expand_rules
 
@@ -91,7 +91,11 @@ class _MoEAdapter(HFAdapter):
             max_position_embeddings=config.max_seq_len,
             initializer_range=config.init_std,
             rms_norm_eps=config.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+            rope_parameters=(
+                {"rope_type": "default", "rope_theta": config.rope_theta}
+                if config.rope_interpolation == 1.0
+                else {"rope_type": "linear", "factor": config.rope_interpolation, "rope_theta": config.rope_theta}
+            ),
             tie_word_embeddings=config.tie_embeddings,
             num_experts_per_tok=config.ffn.top_k,
             router_aux_loss_coef=config.ffn.aux_loss_coef / config.ffn.top_k,
@@ -116,7 +120,8 @@ class _MoEAdapter(HFAdapter):
             d_model=hf.hidden_size,
             n_layers=hf.num_hidden_layers,
             max_seq_len=hf.max_position_embeddings,
-            rope_theta=_rope_theta(hf),
+            rope_theta=_rope(hf)[0],
+            rope_interpolation=_rope(hf)[1],
             norm_eps=hf.rms_norm_eps,
             tie_embeddings=bool(hf.tie_word_embeddings),
             init_std=hf.initializer_range,
