@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from models.attention.layer import AttentionConfig
-from models.decoder.hf import HEAD, RULES, _rope, _rope_fields
+from models.decoder.hf import HEAD, RULES, _rope
 from models.ffn.moe.config import MoEConfig
 from models.hf import HFAdapter, TensorMap, TensorRule, expand_rules
 
@@ -91,7 +91,11 @@ class _MoEAdapter(HFAdapter):
             max_position_embeddings=config.max_seq_len,
             initializer_range=config.init_std,
             rms_norm_eps=config.norm_eps,
-            **_rope_fields(config),
+            rope_parameters=(
+                {"rope_type": "default", "rope_theta": config.rope_theta}
+                if config.rope_interpolation == 1.0
+                else {"rope_type": "linear", "factor": config.rope_interpolation, "rope_theta": config.rope_theta}
+            ),
             tie_word_embeddings=config.tie_embeddings,
             num_experts_per_tok=config.ffn.top_k,
             router_aux_loss_coef=config.ffn.aux_loss_coef / config.ffn.top_k,
@@ -111,14 +115,13 @@ class _MoEAdapter(HFAdapter):
         if problems:
             raise ValueError(f"cannot convert this {type(hf).__name__}: " + "; ".join(problems))
         head_dim = getattr(hf, "head_dim", None)
-        rope_theta, rope_interpolation = _rope(hf)
         config = DecoderConfig(
             vocab_size=hf.vocab_size,
             d_model=hf.hidden_size,
             n_layers=hf.num_hidden_layers,
             max_seq_len=hf.max_position_embeddings,
-            rope_theta=rope_theta,
-            rope_interpolation=rope_interpolation,
+            rope_theta=_rope(hf)[0],
+            rope_interpolation=_rope(hf)[1],
             norm_eps=hf.rms_norm_eps,
             tie_embeddings=bool(hf.tie_word_embeddings),
             init_std=hf.initializer_range,
