@@ -240,9 +240,23 @@ class EncoderDecoder(nn.Module):
         return self._head(h)
 
     def _tables(self) -> tuple:
-        """The bias tables the first pipeline stage sends on (copies: a schedule may free what
-        crosses a boundary in place)."""
-        return tuple(b.table.weight.clone() for b in (self.encoder_bias, self.decoder_bias) if b is not None)
+        """The bias tables the first pipeline stage sends on: copies (a schedule may free what
+        crosses a boundary in place) of this rank's part — its heads' columns under tensor
+        parallelism, whose gradients flow back into the sharded table."""
+        tables = []
+        for bias in (self.encoder_bias, self.decoder_bias):
+            if bias is not None:
+                weight = bias.table.weight
+                tables.append((weight.to_local() if hasattr(weight, "to_local") else weight).clone())
+        return tuple(tables)
+
+    @property
+    def boundary_residual(self) -> tuple[bool, ...] | None:
+        """Which inputs of a pipeline stage after the first are residual streams (sequence-
+        sharded under SP): the encoder and decoder states, not the bias tables."""
+        if self.embed is not None or self.config.position != "relative":
+            return None
+        return (True, True, False, False)
 
     def forward(
         self,
