@@ -285,11 +285,10 @@ class EncoderDecoder(nn.Module):
             h = self._encoder_blocks(h, position_ids, doc_ids, tables[0], token_ids)
             if self.encoder_norm is not None:
                 h = self.encoder_norm(h)
-        if self.encoder_norm is not None or not self.encoder:
-            if self.decoder:
-                dec = self._decoder_blocks(
-                    dec, h, decoder_input_ids, decoder_position_ids, decoder_doc_ids, doc_ids, tables[1], None
-                )
+        if self.decoder:  # stages are contiguous: the encoder is done here, h is the memory
+            dec = self._decoder_blocks(
+                dec, h, decoder_input_ids, decoder_position_ids, decoder_doc_ids, doc_ids, tables[1], None
+            )
         if self.head is not None:
             return self._head(dec)
         sent = self._tables() if self.embed is not None else tuple(t for t in tables if t is not None)
