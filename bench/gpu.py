@@ -2,8 +2,8 @@
 
     python bench/gpu.py                       # 1b preset, seq 4096, bf16, every backend × recompute mode
     python bench/gpu.py --output gpu.md       # also write the markdown tables to a file
-    python bench/gpu.py --device cpu --preset tiny --seq 256 --steps 2 --backends sdpa --recompute none
-                                              # a dry run of the same code on CPU
+    python bench/gpu.py --device cpu --preset tiny --seq 256 --steps 2 --backends sdpa --recompute none \
+        --kernels torch chunked               # a dry run of the same code on CPU
 
 1. Training step of the preset at ``--seq`` with micro-batch 1, one device, bf16 autocast over
    fp32 master weights (what the trainer does on one GPU): for each attention backend
@@ -11,9 +11,13 @@
    step time, tokens/s, model TFLOP/s and MFU (models/counting.py: active training FLOPs per
    token over the device's dense bf16 peak), and peak memory. Each variant runs in its own
    subprocess (its own peak memory; an out-of-memory variant is reported, not fatal).
+   Then, with SDPA and no recompute, each kernel set of ``model.kernels`` (models/kernels.py):
+   ``chunked`` (the fused chunked loss), ``compile`` (norm, SwiGLU and RoPE through
+   torch.compile, chunked loss), ``liger`` (liger-kernel for all four, when installed).
 2. NCCL all-reduce bus bandwidth when several GPUs are visible (torchrun-free: mp.spawn).
 3. The GPU-only tests (they skip on CPU): attention kernels against the math reference, the
-   CUDA loss path against fp64, inductor on GPU.
+   CUDA loss path against fp64, inductor on GPU, the kernel switch's GPU kernels against the
+   pure-torch path.
 
 Needs nothing but the project installed (random tokens, no data, no network).
 """
@@ -34,8 +38,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# model.kernels choices of each kernel set (the rest stay torch).
+KERNEL_SETS = {
+    "torch": {},
+    "chunked": {"loss": "chunked"},
+    "compile": {"norm": "compile", "swiglu": "compile", "rope": "compile", "loss": "chunked"},
+    "liger": {"norm": "liger", "swiglu": "liger", "rope": "liger", "loss": "liger"},
+}
 
-def run_variant(preset: str, seq: int, backend: str, recompute: str, steps: int, device: str) -> dict:
+
+def run_variant(preset: str, seq: int, backend: str, recompute: str, kernels: str, steps: int, device: str) -> dict:
     """One variant in this process: timings and memory of ``steps`` timed steps after 2 warm-up."""
     from contextlib import nullcontext
 
@@ -47,8 +59,9 @@ def run_variant(preset: str, seq: int, backend: str, recompute: str, steps: int,
     from pretrain.parallel.parallelize import build_parts
     from pretrain.parallel.runtime import ParallelRunner
 
+    choices = [f"model.kernels.{slot}={kind}" for slot, kind in KERNEL_SETS[kernels].items()]
     config = load_config(preset, [f"model.mixer.backend={backend}", f"data.seq_len={seq}",
-                                  f"model.max_seq_len={max(seq, 1)}"])
+                                  f"model.max_seq_len={max(seq, 1)}", *choices])
     dev = torch.device(device)
     dims = ParallelDims.resolve(ParallelConfig(), 1)
     parts = build_parts(config.model, ParallelConfig(), dims, None, dev, recompute=recompute, seed=0)
@@ -81,8 +94,8 @@ def run_variant(preset: str, seq: int, backend: str, recompute: str, steps: int,
             "mfu": util, "peak_gib": peak, "device": name}
 
 
-def _variant_subprocess(args, backend: str, recompute: str) -> dict:
-    command = [sys.executable, __file__, "--variant", backend, recompute, "--preset", args.preset, "--seq",
+def _variant_subprocess(args, backend: str, recompute: str, kernels: str) -> dict:
+    command = [sys.executable, __file__, "--variant", backend, recompute, kernels, "--preset", args.preset, "--seq",
                str(args.seq), "--steps", str(args.steps), "--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
@@ -137,7 +150,7 @@ def allreduce_table() -> list[str]:
 
 def gpu_tests() -> list[str]:
     files = ["tests/models/test_attention.py", "tests/models/test_loss.py", "tests/parallel/test_compile.py",
-             "tests/models/test_norm.py"]
+             "tests/models/test_norm.py", "tests/models/test_kernels.py", "tests/models/test_fused_loss.py"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files],
                           capture_output=True, text=True, cwd=ROOT)
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
@@ -153,39 +166,46 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backends", nargs="+", default=None, help="default: sdpa, flex, and flash if installed")
     parser.add_argument("--recompute", nargs="+", default=["none", "selective", "full"])
+    parser.add_argument("--kernels", nargs="+", default=None, choices=list(KERNEL_SETS),
+                        help="kernel sets (SDPA, no recompute); default: torch, chunked, compile, and liger if installed")
     parser.add_argument("--no-tests", action="store_true")
     parser.add_argument("--output", default=None)
-    parser.add_argument("--variant", nargs=2, metavar=("BACKEND", "RECOMPUTE"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", nargs=3, metavar=("BACKEND", "RECOMPUTE", "KERNELS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.preset, args.seq, *args.variant, args.steps, args.device)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU machine, or try the script with --device cpu --preset tiny --seq 256")
+    import importlib.util
+
     backends = args.backends
     if backends is None:
-        import importlib.util
-
         backends = ["sdpa", "flex"] + (["flash"] if importlib.util.find_spec("flash_attn") else [])
+    kernel_sets = args.kernels
+    if kernel_sets is None:
+        kernel_sets = ["torch", "chunked", "compile"] + (["liger"] if importlib.util.find_spec("liger_kernel") else [])
+    variants = [(b, r, "torch") for b in backends for r in args.recompute]
+    variants += [("sdpa", "none", k) for k in kernel_sets if ("sdpa", "none", k) not in variants]
     started = time.time()
     lines = [f"## GPU run — `python bench/gpu.py --preset {args.preset} --seq {args.seq}`", "",
              f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}; micro-batch 1 × {args.seq}, "
              f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
              f"median of {args.steps} steps after 2 warm-up.", "",
-             "| attention | recompute | step ms | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---:|---:|---:|---:|---:|"]
+             "| attention | recompute | kernels | step ms | tokens/s | TFLOP/s | MFU | peak GiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     device = None
-    for backend in backends:
-        for recompute in args.recompute:
-            r = _variant_subprocess(args, backend, recompute)
-            if "error" in r:
-                lines.append(f"| {backend} | {recompute} | {r['error']} | | | | |")
-                continue
-            device = r["device"]
-            mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "–"
-            peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "–"
-            lines.append(f"| {backend} | {recompute} | {r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | "
-                         f"{r['tflops']:.1f} | {mfu} | {peak} |")
-            print(lines[-1], file=sys.stderr, flush=True)
+    for backend, recompute, kernels in variants:
+        r = _variant_subprocess(args, backend, recompute, kernels)
+        if "error" in r:
+            lines.append(f"| {backend} | {recompute} | {kernels} | {r['error']} | | | | |")
+            continue
+        device = r["device"]
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "–"
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "–"
+        lines.append(f"| {backend} | {recompute} | {kernels} | {r['step_ms']:.0f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['tflops']:.1f} | {mfu} | {peak} |")
+        print(lines[-1], file=sys.stderr, flush=True)
     lines[2] = f"Device: {device}. " + lines[2]
     lines.append("")
     if args.device == "cuda":

@@ -7,12 +7,18 @@ of 1 (docs/benchmarks.md, "Activation memory"). The forward is the same ops as t
 and backward runs the ops autograd would, so outputs and gradients are bit-identical
 (tests/models/test_norm.py).
 DTensor inputs (tensor/sequence parallelism) run the plain ops.
+
+``model.kernels.norm`` (models/kernels.py) may pick instead the plain ops through torch.compile
+(``compile``) or liger-kernel's RMSNorm (``liger``, CUDA; its "llama" casting mode is this
+module's arithmetic).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from models.kernels import liger_function
 
 
 def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,19 +53,35 @@ class _LeanRMSNorm(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight · (x / rms(x))``, normalised in fp32; lean in memory for plain tensors."""
-    if isinstance(x, torch.Tensor) and type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _LeanRMSNorm.apply(x, weight, eps)
+def _plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     normed, _ = _normalise(x, eps)
     return weight * normed.to(x.dtype)
 
 
+_compiled_rms_norm = torch.compile(_plain_rms_norm, dynamic=True)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str = "torch") -> torch.Tensor:
+    """``weight · (x / rms(x))``, normalised in fp32; lean in memory for plain tensors; by the
+    ``kernel`` of ``model.kernels.norm`` (plain tensors only)."""
+    if type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter):
+        if kernel == "compile":
+            return _compiled_rms_norm(x, weight, eps)
+        if kernel == "liger":
+            liger_rms_norm = liger_function("liger_rms_norm", x.device, "model.kernels.norm")
+            return liger_rms_norm(x, weight, eps, casting_mode="llama", in_place=False)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _LeanRMSNorm.apply(x, weight, eps)
+    return _plain_rms_norm(x, weight, eps)
+
+
 class RMSNorm(nn.Module):
+    kernel_slot = "norm"  # model.kernels.norm chooses ``kernel`` (models/kernels.py)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
+        self.kernel = "torch"
         self.weight = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
@@ -67,7 +89,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.kernel)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from models.kernels import liger_function
+
 
 def rope_tables(
     position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, interpolation: float = 1.0
@@ -36,3 +38,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x`` [B, S, heads, head_dim] by the tables [B, S, head_dim]."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + rotate_half(x) * sin
+
+
+_compiled_rope = torch.compile(apply_rope, dynamic=True)
+
+
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rope`` on q and k [B, S, heads, head_dim] by the ``kernel`` of
+    ``model.kernels.rope``: the plain ops, them through torch.compile, or liger-kernel's RoPE
+    (CUDA; it takes [B, heads, S, head_dim] views, the same rotate-half convention)."""
+    if kernel == "compile":
+        return _compiled_rope(q, cos, sin), _compiled_rope(k, cos, sin)
+    if kernel == "liger":
+        liger_rope = liger_function("liger_rope", q.device, "model.kernels.rope")
+        q, k = liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -44,9 +44,13 @@ class KindSpec:
 
 @dataclass(frozen=True)
 class LossSettings:
-    """Loss options the trainer passes to every family's loss (``train.z_loss``)."""
+    """Loss options the trainer passes to every family's loss (``train.z_loss``), and to the
+    modules that have a ``loss_settings`` attribute (a fused loss head computes the loss inside
+    the model's forward). ``fused_head``: the model's output is per-token loss contributions
+    (models/fused_loss.py), not logits; the runner sets it from the model's ``fused_loss``."""
 
     z_loss: float = 0.0
+    fused_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class ModelSpec:
       auxiliary term).
     - ``hf``: the family's Hugging Face adapters (models/hf.py), each for one transformers class
       (a decoder maps to Llama; an MoE decoder to Mixtral...). ``hf_adapter`` picks one.
+    - ``task(model_config, data_config, split_name, num_samples)``: ``(dataset, fingerprint)``
+      of the samples the family trains on, when they are not GPT windows (data/loader.py's
+      ``build_loader`` ``task``); None: packed GPT samples.
     """
 
     name: str
@@ -77,6 +84,7 @@ class ModelSpec:
     loss_tokens: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
     loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     hf: tuple = ()
+    task: Callable | None = None
 
 
 class FamilyModel(Protocol):

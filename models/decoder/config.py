@@ -13,6 +13,7 @@ from models.config import (
 )
 from models.configtree import ConfigError
 from models.ffn.swiglu import SwiGLUConfig
+from models.kernels import KernelsConfig
 
 # Keys of the flat model section before families had their own configs.
 _MOVED = {
@@ -40,6 +41,7 @@ class DecoderConfig(ModelConfig):
     mixer: MixerConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=SwiGLUConfig)
     layer_overrides: list[LayerOverride] = field(default_factory=list)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
     def n_blocks(self) -> int:
@@ -57,6 +59,7 @@ class DecoderConfig(ModelConfig):
         for name in ("rope_theta", "rope_interpolation", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 errors.append(f"model.{name} must be > 0, got {getattr(self, name)}")
+        errors += self.kernels.problems()
         if errors:
             return errors
         try:
@@ -93,15 +96,10 @@ class DecoderConfig(ModelConfig):
         return sizes
 
     def decode_cache_bytes(self, batch: int, length: int, element_bytes: int = 2) -> int:
-        """Bytes of the decode state after ``length`` positions (caches sized for ``length``):
-        per full-attention layer K and V for every position, per sliding-window layer (window
-        W < length) for the last W − 1."""
-        total = 0
-        for mixer in self.layers().mixers:
-            per_position = 2 * mixer.n_kv_heads * mixer.resolved_head_dim(self.d_model) * element_bytes * batch
-            window = mixer.window
-            total += per_position * (length if window is None or window >= length else window - 1)
-        return total
+        """Bytes of the decode state after ``length`` positions: each layer's mixer state
+        (``decode_state_bytes``: a full-attention layer's K and V for every position, a
+        sliding-window layer's for the last W − 1, a retention layer's constant state)."""
+        return sum(m.decode_state_bytes(self.d_model, batch, length, element_bytes) for m in self.layers().mixers)
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         return tied_pipeline_errors(self, pp)

@@ -72,6 +72,8 @@ class LlamaAdapter(HFAdapter):
             return "per-layer overrides (Llama blocks are all alike)"
         if not isinstance(config.mixer, AttentionConfig) or config.mixer.window is not None:
             return "a mixer other than full attention"
+        if config.mixer.qk_norm_eps is not None:
+            return "query/key norms (mixer.qk_norm_eps)"
         if not isinstance(config.ffn, SwiGLUConfig):
             return f"ffn kind {config.ffn.kind!r} (Llama's is swiglu)"
         return None

@@ -25,11 +25,12 @@ from torch import nn
 from models.attention.layer import prepare_self_attention
 from models.block import Block
 from models.context import DecodeState, ForwardContext, forward_positions
+from models.kernels import apply_kernels, head_loss
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Tokenwise, VocabEmbedding, VocabHead
 from models.rope import rope_tables
-from models.spec import build_ffn, build_mixer
+from models.spec import LossSettings, build_ffn, build_mixer
 
 
 class Decoder(nn.Module):
@@ -49,7 +50,14 @@ class Decoder(nn.Module):
         )
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = Linear(config.d_model, config.vocab_size)
+        self.loss_settings = LossSettings()  # the trainer's, set by the runner (fused loss head)
+        apply_kernels(self, config.kernels)
         self.init_weights()
+
+    @property
+    def fused_loss(self) -> bool:
+        """Whether a forward with labels returns per-token loss contributions (models/kernels.py)."""
+        return self.config.kernels.fused_loss
 
     # ------------------------------------------------------------ structure
     def block_names(self) -> list[str]:
@@ -100,8 +108,12 @@ class Decoder(nn.Module):
         doc_ids: torch.Tensor | None = None,
         state: DecodeState | None = None,
         token_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, S, vocab] in the head's dtype (the model's dtype; fp32 for an fp32 model).
+        """Logits [B, S, vocab] in the head's dtype (the model's dtype; fp32 for an fp32 model);
+        with ``labels`` (and ``loss_mask``) [B, S] and a fused loss head (``model.kernels.loss``),
+        per-token loss contributions [B, S, 3] instead (models/fused_loss.py).
 
         ``input_ids`` [B, S] (or hidden states [B, S, d] when ``embed`` is None).
         ``position_ids`` [B, S] default to 0..S-1 after the state's length; packed data passes
@@ -133,5 +145,8 @@ class Decoder(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         if self.head is not None:
+            if labels is not None and self.fused_loss:
+                kind, z_loss = self.config.kernels.loss, self.loss_settings.z_loss
+                return head_loss(kind, h, self.head.weight, labels, loss_mask, z_loss)
             h = self.head(h)
         return h

@@ -2,6 +2,7 @@
 
 ``w1`` is the gate projection, ``w3`` the up projection (both [d_ff, d]), ``w2`` the down
 projection [d, d_ff] — Meta Llama's names; HF calls them gate_proj, up_proj, down_proj.
+``model.kernels.swiglu`` (models/kernels.py) picks the gated product's implementation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import FFNConfig
+from models.kernels import liger_function
 from models.linear import Linear
 from models.plans import Colwise, Rowwise
 from models.spec import register_ffn
@@ -48,17 +50,32 @@ class _GatedProduct(torch.autograd.Function):
         return grad_gate, grad_up
 
 
-def gated_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``; lean in memory for plain tensors under autograd."""
-    plain = type(gate) is torch.Tensor and type(up) is torch.Tensor
-    if plain and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _GatedProduct.apply(gate, up)
+def _plain_gated_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+_compiled_gated_product = torch.compile(_plain_gated_product, dynamic=True)
+
+
+def gated_product(gate: torch.Tensor, up: torch.Tensor, kernel: str = "torch") -> torch.Tensor:
+    """``silu(gate) * up``; lean in memory for plain tensors under autograd; by the ``kernel``
+    of ``model.kernels.swiglu`` (plain tensors only)."""
+    if type(gate) is torch.Tensor and type(up) is torch.Tensor:
+        if kernel == "compile":
+            return _compiled_gated_product(gate, up)
+        if kernel == "liger":
+            return liger_function("liger_swiglu", gate.device, "model.kernels.swiglu")(gate, up)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return _GatedProduct.apply(gate, up)
+    return _plain_gated_product(gate, up)
+
+
 class SwiGLU(nn.Module):
+    kernel_slot = "swiglu"  # model.kernels.swiglu chooses ``kernel`` (models/kernels.py)
+
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
+        self.kernel = "torch"
         self.w1 = self.projection(d_model, d_ff, hidden_dim=0)
         self.w3 = self.projection(d_model, d_ff, hidden_dim=0)
         self.w2 = self.projection(d_ff, d_model, hidden_dim=1)
@@ -77,7 +94,7 @@ class SwiGLU(nn.Module):
         return {"w1": Colwise(), "w3": Colwise(), "w2": Rowwise()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(gated_product(self.w1(x), self.w3(x)))
+        return self.w2(gated_product(self.w1(x), self.w3(x), self.kernel))
 
 
 register_ffn("swiglu", SwiGLUConfig, lambda config, d_model, layer_id: SwiGLU(d_model, config.d_ff))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from models.attention.layer import AttentionConfig
 from models.config import FFNConfig, LayerKinds, MixerConfig, ModelConfig, tied_pipeline_errors
 from models.ffn.swiglu import SwiGLUConfig
+from models.kernels import KernelsConfig
 
 
 @dataclass
@@ -31,8 +32,8 @@ class CrossAttentionConfig:
 @dataclass
 class YocoConfig(ModelConfig):
     """``n_layers`` blocks: the first ``self_layers`` (default half) form the self-decoder
-    (``mixer``: sliding-window attention), the rest the cross-decoder (``cross``), all with
-    ``ffn``."""
+    (``mixer``: sliding-window attention, or gated retention with ``kind: retention``), the rest
+    the cross-decoder (``cross``), all with ``ffn``."""
 
     family: str = "yoco"
     vocab_size: int = 4096
@@ -48,6 +49,7 @@ class YocoConfig(ModelConfig):
     mixer: MixerConfig = field(default_factory=lambda: AttentionConfig(window=64))
     cross: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     ffn: FFNConfig = field(default_factory=SwiGLUConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
     def n_self(self) -> int:
@@ -76,11 +78,10 @@ class YocoConfig(ModelConfig):
                 f"model.self_layers ({self.n_self}) must leave at least one block to each half of the "
                 f"{self.n_layers} blocks; e.g. self_layers={self.n_layers // 2}"
             )
-        if not isinstance(self.mixer, AttentionConfig):
-            errors.append(f"model.mixer.kind {self.mixer.kind!r}: the self-decoder takes attention (with a window)")
         errors += self.mixer.problems("model.mixer", self.d_model)
         errors += self.cross.problems("model.cross", self.d_model)
         errors += self.ffn.problems("model.ffn", self.d_model)
+        errors += self.kernels.problems()
         return errors
 
     def tp_sizes(self) -> dict[str, int]:
@@ -91,15 +92,12 @@ class YocoConfig(ModelConfig):
         return sizes
 
     def decode_cache_bytes(self, batch: int, length: int, element_bytes: int = 2) -> int:
-        """Bytes of the decode state after ``length`` positions (caches sized for ``length``):
-        the one global K,V for every position, plus per self-decoder layer K and V of the last
-        W − 1 positions (all of them without a window, or a window ≥ length)."""
+        """Bytes of the decode state after ``length`` positions: the one global K,V for every
+        position (sized for ``length``), plus each self-decoder layer's mixer state (a window
+        layer's K and V of the last W − 1 positions, a retention layer's constant state)."""
         head_dim = self.d_model // self.cross.n_heads
         total = 2 * self.cross.n_kv_heads * head_dim * element_bytes * batch * length
-        mixer = self.mixer
-        per_position = 2 * mixer.n_kv_heads * mixer.resolved_head_dim(self.d_model) * element_bytes * batch
-        kept = length if mixer.window is None or mixer.window >= length else mixer.window - 1
-        return total + self.n_self * per_position * kept
+        return total + self.n_self * self.mixer.decode_state_bytes(self.d_model, batch, length, element_bytes)
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         return tied_pipeline_errors(self, pp)

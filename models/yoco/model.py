@@ -10,10 +10,11 @@ The global K,V: K = RoPE(RMSNorm(X)·W_K), V = RMSNorm(X)·W_V from the self-dec
 with GQA heads (``cross.n_kv_heads``); the cross-decoder's residual stream starts at X and each
 cross block attends causally (document-masked) to K,V with its own queries.
 
-Generation (``state``): the self-decoder keeps a window cache per layer (constant size), the
-model one growing cache of the global K,V. A forward with a state that starts at position 0
-(the prefill) runs the cross-decoder for the last position only — early exit: the prompt's
-other positions need only the self-decoder and the K,V projection — and returns [B, 1, vocab].
+Generation (``state``): the self-decoder keeps a constant-size state per layer (a window cache
+or a retention state), the model one growing cache of the global K,V. A forward that feeds a
+prompt chunk (``state.prefill``) runs the cross-decoder for the chunk's last position only —
+early exit: the prompt's other positions need only the self-decoder and the K,V projection —
+and returns [B, 1, vocab].
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from models.attention.layer import prepare_self_attention
 from models.attention.spec import AttentionSpec
 from models.block import Block
 from models.context import DecodeState, ForwardContext, forward_positions
+from models.kernels import apply_kernels, head_loss
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Colwise, GatherInputs, Rowwise, Tokenwise, VocabEmbedding, VocabHead
 from models.rope import apply_rope, rope_tables
-from models.spec import build_ffn, build_mixer
+from models.spec import LossSettings, build_ffn, build_mixer
 
 GLOBAL_KV = "global_kv"  # the decode state's key of the global K,V cache
 
@@ -114,7 +116,14 @@ class Yoco(nn.Module):
         })
         self.norm = RMSNorm(d, config.norm_eps)
         self.head = Linear(d, config.vocab_size)
+        self.loss_settings = LossSettings()  # the trainer's, set by the runner (fused loss head)
+        apply_kernels(self, config.kernels)
         self.init_weights()
+
+    @property
+    def fused_loss(self) -> bool:
+        """Whether a forward with labels returns per-token loss contributions (models/kernels.py)."""
+        return self.config.kernels.fused_loss
 
     # ------------------------------------------------------------ structure
     def block_names(self) -> list[str]:
@@ -176,8 +185,13 @@ class Yoco(nn.Module):
         doc_ids: torch.Tensor | None = None,
         state: DecodeState | None = None,
         token_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
     ):
-        """Logits [B, S, vocab] (a prefill with a state: [B, 1, vocab], see the module doc).
+        """Logits [B, S, vocab] (a prompt chunk with ``state.prefill``: [B, 1, vocab], see the
+        module doc); with ``labels`` (and ``loss_mask``) [B, S] and a fused loss head
+        (``model.kernels.loss``), per-token loss contributions [B, S, 3] instead
+        (models/fused_loss.py).
 
         A pipeline stage (modules of other stages removed) takes what the previous one returned:
         hidden states [B, S, d] while inside the self-decoder, then (hidden, K, V); it returns
@@ -203,7 +217,7 @@ class Yoco(nn.Module):
                 state.advance(seq)
         if k is None:  # a stage that ends inside the self-decoder
             return h
-        if state is not None and past == 0 and seq > 1:  # prefill: early exit for all but the last
+        if state is not None and state.prefill:  # early exit for all but the chunk's last position
             h = h[:, -1:]
             rope = {d: (cos[:, -1:], sin[:, -1:]) for d, (cos, sin) in rope.items()}
             if ctx.token_ids is not None:
@@ -217,4 +231,7 @@ class Yoco(nn.Module):
                 h = block(h, ctx)
         if self.head is None:  # to the next pipeline stage (point-to-point sends need contiguous tensors)
             return h, k.contiguous(), v.contiguous()
+        if labels is not None and self.fused_loss:
+            return head_loss(self.config.kernels.loss, self.norm(h), self.head.weight, labels, loss_mask,
+                             self.loss_settings.z_loss)
         return self.head(self.norm(h))

@@ -13,6 +13,10 @@ stages per rank); ``virtual_stages`` stages per rank (1 for gpipe/1f1b). ``pp_st
 lists the blocks of each stage explicitly (length pp × virtual_stages); empty balances them
 (see pretrain.parallel.pipeline.stage_layer_counts).
 
+``ep``: expert parallelism, borrowed from ``dp_shard`` (which it must divide): each MoE layer's
+experts are spread over ``ep`` data-parallel ranks and tokens reach them by all-to-all
+(pretrain/parallel/ep.py).
+
 ``init``: ``full`` builds the whole model on the CPU of every process from the run seed and
 keeps this rank's shards, so every layout starts from the weights one process would (host
 memory for the fp32 model per process); ``sharded`` initialises each shard on its device
@@ -42,6 +46,7 @@ class ParallelConfig:
     dp_shard: int = -1
     tp: int = 1
     sp: bool = True
+    ep: int = 1
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"] = "1f1b"
     virtual_stages: int = 1
     pp_stage_layers: list[int] = field(default_factory=list)
@@ -59,6 +64,13 @@ class ParallelConfig:
                 errors.append(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.dp_shard == 0 or self.dp_shard < -1:
             errors.append(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world; got {self.dp_shard}")
+        if self.ep < 1:
+            errors.append(f"parallel.ep must be >= 1, got {self.ep}")
+        if self.ep > 1 and self.dp_replicate > 1:
+            errors.append(
+                f"parallel.ep={self.ep} is not built with parallel.dp_replicate={self.dp_replicate} (HSDP); "
+                "use dp_replicate=1 with dp_shard a multiple of ep"
+            )
         if self.pp_schedule in SINGLE_STAGE_SCHEDULES and self.virtual_stages != 1:
             errors.append(
                 f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank; set parallel.virtual_stages=1 "

@@ -143,6 +143,12 @@ def layout_errors(
     errors.extend(_context_errors(parallel, model, seq_len))
     if dims.dp >= 1 and micro_batch >= 1:  # otherwise reported above, or by the train section
         errors.extend(_batch_errors(parallel, dims.dp, global_batch, micro_batch))
+    shard_known = world is not None or parallel.dp_shard != -1
+    if parallel.ep > 1 and shard_known and dims.dp_shard >= 1 and dims.dp_shard % parallel.ep:
+        errors.append(
+            f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dims.dp_shard}): expert parallelism "
+            "borrows data-parallel ranks; launch more ranks or lower ep"
+        )
     return dims, errors
 
 

@@ -26,6 +26,7 @@ from pretrain.parallel.fsdp import apply_fsdp
 from pretrain.parallel.mesh import ParallelDims, flattened
 from pretrain.parallel.pipeline import local_stage_ids, shard_boundaries, split_stage, stage_layer_counts
 from pretrain.parallel.recompute import apply_ac
+from pretrain.parallel.ep import apply_ep, expert_meshes, shard_experts
 from pretrain.parallel.tp import apply_tp
 
 
@@ -83,7 +84,11 @@ def build_parts(
         parts = [split_stage(model, s, counts) for s in stage_ids]
     else:
         stage_ids, parts = [0], [model]
+    ep = parallel.ep
+    experts_placed, experts_fsdp = expert_meshes(dims, ep, mesh) if ep > 1 else (None, None)
     for part, stage in zip(parts, stage_ids):
+        if ep > 1:
+            apply_ep(part, experts_placed, ep)
         if dims.tp > 1:
             apply_tp(part, mesh["tp"], dims.sp)
             if dims.sp and dims.pp > 1:
@@ -93,6 +98,8 @@ def build_parts(
         apply_ac(part, recompute, recompute_every, block_order=block_order)
         if parallel.compile:
             apply_compile(part, parallel.compile_backend)
+        if ep > 1:
+            shard_experts(part, experts_fsdp, param_dtype, reshard_after_forward=dims.pp == 1)
         if dims.fsdp:
             apply_fsdp(part, fsdp_mesh(dims, mesh), param_dtype, reshard_after_forward=dims.pp == 1)
     for part in parts:

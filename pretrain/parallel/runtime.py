@@ -21,7 +21,8 @@ arise, whatever the stage (models/aux_loss.py); each micro-batch's share is its 
 global batch, set here once as the modules' ``aux_loss_scale``. Modules may also have a
 ``post_step(reduce)`` hook (called after every applied optimizer step) and ``step_metrics(reduce)``
 (merged into the logged metrics); ``reduce(tensor, op="sum" | "max")`` reduces a plain tensor
-over the data-parallel ranks (in place, and returns it).
+over the data-parallel ranks (in place, and returns it). Modules with a ``loss_settings``
+attribute (a fused loss head, models/kernels.py) get the step's LossSettings.
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ class ParallelRunner:
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         self.model, self.dims, self.mesh, self.device = model, dims, mesh, device
-        self.spec, self.settings, self.autocast = model.spec, LossSettings(z_loss=z_loss), autocast
+        self.spec, self.autocast = model.spec, autocast
         self.parts = model.parts
+        # A fused loss head computes the loss inside the model (models/kernels.py): it gets these too.
+        fused = any(getattr(part, "fused_loss", False) for part in self.parts)
+        self.settings = LossSettings(z_loss=z_loss, fused_head=fused)
         self.dp_group = dp_mesh(mesh).get_group() if mesh is not None and dims.dp > 1 else None
         # Context parallelism: each rank holds a part of every sequence; loss terms, token counts
         # and module statistics are summed over dp × cp as over data-parallel ranks alone.
@@ -109,6 +113,8 @@ class ParallelRunner:
         for _, module in self.hooked:
             if hasattr(module, "aux_loss_scale"):
                 module.aux_loss_scale = 1.0 / (n_microbatches * dims.dp)
+            if hasattr(module, "loss_settings"):
+                module.loss_settings = self.settings
         self.schedule = None
         if dims.pp > 1:
             self.schedule = build_schedule(
@@ -132,7 +138,7 @@ class ParallelRunner:
         found, seen = [], set()
         for part in self.parts:
             for name, module in part.named_modules():
-                hooked = any(hasattr(module, a) for a in ("aux_loss_scale", "post_step", "step_metrics"))
+                hooked = any(hasattr(module, a) for a in ("aux_loss_scale", "loss_settings", "post_step", "step_metrics"))
                 if hooked and id(module) not in seen:
                     seen.add(id(module))
                     found.append((clean_key(name), module))
