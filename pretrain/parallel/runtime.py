@@ -112,7 +112,7 @@ class ParallelRunner:
         self.hooked = self._hooked_modules()
         for _, module in self.hooked:
             if hasattr(module, "aux_loss_scale"):
-                module.aux_loss_scale = 1.0 / (n_microbatches * dims.dp)
+                module.aux_loss_scale = 1.0 / (n_microbatches * dims.dp * dims.cp)  # cp: chunks of a sequence
             if hasattr(module, "loss_settings"):
                 module.loss_settings = self.settings
         self.schedule = None

@@ -1,16 +1,20 @@
 """Context parallelism trains like one process: CP2 and CP4 (ring), the all-to-all option, CP
-combined with TP2(+SP), FSDP2, PP2 (1F1B) and recomputation, and YOCO (windowed self-decoder,
-cross-decoder), for 5 steps on packed documents (full causal attention and a sliding window),
-each with the losses and gradient norms of an independent single-process loop
-(tests/parallel/workloads.py); and the first step's gradients, parameter by parameter, equal
-that loop's, on packed documents and on one causal document per row."""
+combined with TP2(+SP), FSDP2, PP2 (1F1B) and recomputation, YOCO (windowed self-decoder,
+cross-decoder) and an MoE decoder (also under EP2), for 5 steps on packed documents (full
+causal attention and a sliding window), each with the losses and gradient norms of an
+independent single-process loop (tests/parallel/workloads.py); and the first step's gradients,
+parameter by parameter, equal that loop's, on packed documents and on one causal document per
+row."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
+from models.ffn.moe import MoEConfig
 from models.spec import build_model
 from pretrain.names import clean_key
 from pretrain.parallel.config import ParallelConfig
@@ -27,6 +31,12 @@ CONFIGS = {
     "window": variant(TINY, mixer=dict(window=6)),
     "kv4": variant(TINY, mixer=dict(n_heads=4, n_kv_heads=4)),
     "yoco": YOCO,  # sliding-window self-decoder, cross-decoder over the one global K,V
+    # Dropless routing without auxiliary losses: what a rank routes then does not depend on
+    # which tokens it holds (capacity and balancing losses are computed over a rank's chunks).
+    "moe": dataclasses.replace(TINY, ffn=MoEConfig(
+        n_experts=4, top_k=2, d_ff=32, n_shared_experts=1, first_dense_layers=1, dense_d_ff=128,
+        capacity_factor=None, aux_loss_coef=0.0, z_loss_coef=0.0,
+    )),
 }
 LAYOUTS = {
     2: {
@@ -48,6 +58,8 @@ LAYOUTS = {
         "cp2_fsdp2_alltoall": (dict(cp=2, dp_shard=2, cp_mode="alltoall"), 1, "window"),
         "cp4_yoco": (dict(cp=4, dp_shard=1), 2, "yoco"),
         "cp2_pp2": (dict(cp=2, pp=2, dp_shard=1, pp_schedule="1f1b"), 2, "window"),
+        "cp2_fsdp2_moe": (dict(cp=2, dp_shard=2), 2, "moe"),
+        "cp2_ep2_moe": (dict(cp=2, dp_shard=2, ep=2), 2, "moe"),
     },
 }
 CASES = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
