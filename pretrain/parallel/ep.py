@@ -32,7 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from pretrain.parallel.mesh import LayoutError, ParallelDims
+from pretrain.parallel.mesh import LayoutError, ParallelDims, flattened
 
 
 class AllToAllExchange:
@@ -65,10 +65,18 @@ class AllToAllExchange:
 
 def expert_meshes(dims: ParallelDims, ep: int, mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh]:
     """(the mesh the experts' DTensors live on: ``ep``, or ``ep`` × ``tp``; the ``dp_shard / ep``
-    mesh FSDP2 shards expert weights over). Creates process groups: call once per model."""
-    split = mesh["dp_shard", "tp"]._unflatten(0, (dims.dp_shard // ep, ep), ("dp_shard_mod_ep", "ep"))
+    mesh FSDP2 shards expert weights over; under context parallelism ``ep`` is cut from
+    ``dp_shard × cp``, whose ranks all hold other tokens). Creates process groups: call once per model."""
+    if dims.cp == 1:
+        split = mesh["dp_shard", "tp"]._unflatten(0, (dims.dp_shard // ep, ep), ("dp_shard_mod_ep", "ep"))
+        placed = split["ep", "tp"] if dims.tp > 1 else split["ep"]
+        return placed, split["dp_shard_mod_ep"]
+    # ep ranks are then the inner ranks of dp_shard × cp (holding other tokens, as ep requires).
+    flattened(mesh, "dp_shard_cp")
+    outer = dims.dp_shard * dims.cp // ep
+    split = mesh["dp_shard_cp", "tp"]._unflatten(0, (outer, ep), ("dp_shard_cp_mod_ep", "ep"))
     placed = split["ep", "tp"] if dims.tp > 1 else split["ep"]
-    return placed, split["dp_shard_mod_ep"]
+    return placed, split["dp_shard_cp_mod_ep"]
 
 
 def expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
