@@ -44,10 +44,6 @@ def _consolidated(directory: Path) -> tuple[dict, int | None]:
     return state, step
 
 
-def _materialise(value) -> torch.Tensor:
-    return value.contiguous() if not isinstance(value, torch.Tensor) else value.contiguous()
-
-
 def read_deepspeed(path: str | os.PathLike, model_config=None) -> Weights:
     directory = Path(path)
     state, step = _consolidated(directory)
@@ -75,7 +71,7 @@ def read_deepspeed(path: str | os.PathLike, model_config=None) -> Weights:
 
     def fetch_ds(ds_name):
         ours, rule = rename[ds_name]
-        tensor = _materialise(state[ds_name])
+        tensor = state[ds_name].contiguous()  # a GatheredTensor gathers its rank partitions here
         return ours, (rule(tensor).contiguous() if rule else tensor)
 
     def read() -> Iterator[tuple[str, torch.Tensor]]:

@@ -96,8 +96,7 @@ def megatron_side(rank: int, world: int, save_dir: str | None, load_dir: str | N
 def ours(run_dir) -> torch.nn.Module:
     checkpoint = next((run_dir / "checkpoints").glob("step_*"))
     model = build_model(ModelConfig.from_dict(yaml.safe_load((checkpoint / "config.json").read_text())["model"]))
-    model.load_state_dict(load_model_weights(checkpoint), strict=False)
-    model.tie_weights() if model.config.tie_embeddings else None
+    model.load_state_dict(load_model_weights(checkpoint))
     return model.eval()
 
 
