@@ -95,3 +95,17 @@ def test_cli_refuses_to_overwrite_and_names_bad_input(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist" in err and "holds a decoder model, not --family yoco" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_dtype_casts_every_floating_tensor(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root, model = run
+    convert("dcp", "hf", root, tmp_path / "hf", dtype="bf16")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True, dtype=torch.bfloat16)
+    from models.decoder.hf import LLAMA_ADAPTER
+
+    back = LLAMA_ADAPTER.state_from_hf(hf.state_dict(), model.config)
+    for name, tensor in weights_of(model).items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor.to(torch.bfloat16)), name
