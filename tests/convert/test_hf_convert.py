@@ -109,3 +109,22 @@ def test_dtype_casts_every_floating_tensor(run, tmp_path):
     back = LLAMA_ADAPTER.state_from_hf(hf.state_dict(), model.config)
     for name, tensor in weights_of(model).items():
         assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor.to(torch.bfloat16)), name
+
+
+def test_a_tokenizer_json_ships_and_encodes_like_ours(tmp_path, bible_jsonl):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    lines = [json.loads(line)["text"] for line in bible_jsonl.read_text().splitlines()[:200]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>", "<pad>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    save_run(tmp_path / "run", random_model(decoder_config(vocab=640)))
+    convert("dcp", "hf", tmp_path / "run", tmp_path / "hf", tokenizer=tmp_path / "tokenizer.json")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, 2)
+    for text in lines[:50] + ["a literal <s> inside", "  spaces\tand tabs", ""]:
+        assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text[:40]
