@@ -16,7 +16,6 @@ from models.configtree import to_dict
 from models.decoder.hf import LLAMA_ADAPTER
 from models.spec import build_model
 from pretrain.cli import main
-from pretrain.convert import convert
 from pretrain.export import load_model_weights
 from tests.convert.helpers import decoder_config
 from tests.parallel.launch import run_ranks

@@ -6,7 +6,6 @@ safety rules (refused overwrite, one-line errors, nothing half-written left look
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from data.tokenizer import load_tokenizer
 from models.generate import generate
 from pretrain.cli import main
 from pretrain.convert import convert
-from pretrain.convert.errors import ConversionError
 from pretrain.export import load_model_weights
 from tests.convert.helpers import decoder_config, random_model, save_run
 
