@@ -103,11 +103,4 @@ class EncDecConfig(ModelConfig):
         return sizes
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
-        errors = tied_pipeline_errors(self, pp)
-        if pp > 1 and tp > 1 and self.position == "relative":
-            errors.append(
-                "parallel.pp > 1 with parallel.tp > 1 needs model.position=rope: the relative bias tables live on the "
-                "first stage and cross the pipeline as plain tensors, which tensor parallelism (sharding them by head) "
-                "does not support yet; use position=rope, or pp or tp alone"
-            )
-        return errors
+        return tied_pipeline_errors(self, pp)

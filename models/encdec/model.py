@@ -240,9 +240,23 @@ class EncoderDecoder(nn.Module):
         return self._head(h)
 
     def _tables(self) -> tuple:
-        """The bias tables the first pipeline stage sends on (copies: a schedule may free what
-        crosses a boundary in place)."""
-        return tuple(b.table.weight.clone() for b in (self.encoder_bias, self.decoder_bias) if b is not None)
+        """The bias tables the first pipeline stage sends on: copies (a schedule may free what
+        crosses a boundary in place) of this rank's part — its heads' columns under tensor
+        parallelism, whose gradients flow back into the sharded table."""
+        tables = []
+        for bias in (self.encoder_bias, self.decoder_bias):
+            if bias is not None:
+                weight = bias.table.weight
+                tables.append((weight.to_local() if hasattr(weight, "to_local") else weight).clone())
+        return tuple(tables)
+
+    @property
+    def boundary_residual(self) -> tuple[bool, ...] | None:
+        """Which inputs of a pipeline stage after the first are residual streams (sequence-
+        sharded under SP): the encoder and decoder states, not the bias tables."""
+        if self.embed is not None or self.config.position != "relative":
+            return None
+        return (True, True, False, False)
 
     def forward(
         self,
@@ -271,11 +285,10 @@ class EncoderDecoder(nn.Module):
             h = self._encoder_blocks(h, position_ids, doc_ids, tables[0], token_ids)
             if self.encoder_norm is not None:
                 h = self.encoder_norm(h)
-        if self.encoder_norm is not None or not self.encoder:
-            if self.decoder:
-                dec = self._decoder_blocks(
-                    dec, h, decoder_input_ids, decoder_position_ids, decoder_doc_ids, doc_ids, tables[1], None
-                )
+        if self.decoder:  # stages are contiguous: the encoder is done here, h is the memory
+            dec = self._decoder_blocks(
+                dec, h, decoder_input_ids, decoder_position_ids, decoder_doc_ids, doc_ids, tables[1], None
+            )
         if self.head is not None:
             return self._head(dec)
         sent = self._tables() if self.embed is not None else tuple(t for t in tables if t is not None)

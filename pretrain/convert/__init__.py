@@ -1,6 +1,6 @@
 """``pretrain convert --from FORMAT --to FORMAT INPUT OUTPUT``: move a model between our DCP
 checkpoints, Hugging Face directories, Megatron-core torch_dist checkpoints and single
-safetensors files, streaming one tensor (or
+safetensors files (and from DeepSpeed ZeRO checkpoints), streaming one tensor (or
 one DCP batch) at a time, writing into a temporary sibling that is verified (every tensor re-read
 and checksummed) before it is renamed into place. See docs/convert.md."""
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from pretrain.convert.errors import ConversionError
 
-FORMATS = ("dcp", "hf", "safetensors", "megatron")
+FORMATS = ("dcp", "hf", "safetensors", "megatron", "deepspeed")
+WRITABLE = ("dcp", "hf", "safetensors", "megatron")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -49,8 +50,13 @@ def read_weights(fmt: str, path: str | os.PathLike, model_config: str | None = N
         raise ConversionError(f"--from {fmt!r} is not a format; choose one of {', '.join(FORMATS)}")
     if not Path(path).exists():
         raise ConversionError(f"{path} does not exist")
+    config = load_model_config(model_config) if model_config else None
     if fmt == "megatron":
-        return read_megatron(path, load_model_config(model_config) if model_config else None)
+        return read_megatron(path, config)
+    if fmt == "deepspeed":
+        from pretrain.convert.deepspeed_io import read_deepspeed
+
+        return read_deepspeed(path, config)
     return {"dcp": read_dcp, "hf": read_hf, "safetensors": read_single}[fmt](path)
 
 
@@ -78,8 +84,8 @@ def convert(
     from pretrain.convert.tokenizer import check_vocab
     from pretrain.export import parse_dtype
 
-    if dst not in FORMATS:
-        raise ConversionError(f"--to {dst!r} is not a format; choose one of {', '.join(FORMATS)}")
+    if dst not in WRITABLE:
+        raise ConversionError(f"--to {dst!r} is not a format we write; choose one of {', '.join(WRITABLE)}")
     start = time.monotonic()
     shard_bytes = parse_size(shard_size)
     weights = read_weights(src, input_path, model_config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_convert_commands(commands) -> None:
-    from pretrain.convert import FORMATS
+    from pretrain.convert import FORMATS, WRITABLE
 
     convert = commands.add_parser(
         "convert", help="convert a model between our checkpoints, Hugging Face directories and safetensors",
@@ -12,9 +12,10 @@ def add_convert_commands(commands) -> None:
         "pretrain convert --from dcp --to hf runs/x/checkpoints hf/x",
     )
     convert.add_argument("--from", dest="src", required=True, choices=FORMATS)
-    convert.add_argument("--to", dest="dst", required=True, choices=FORMATS)
+    convert.add_argument("--to", dest="dst", required=True, choices=WRITABLE)
     convert.add_argument("input", help="dcp: a checkpoint, checkpoints/ root or run directory (its latest); hf: a model "
-                         "directory; megatron: a Megatron-LM directory or iteration directory; safetensors: FILE.safetensors (with FILE.config.json)")
+                         "directory; megatron: a Megatron-LM directory or iteration directory; deepspeed: a save_checkpoint directory "
+                         "or one of its tags; safetensors: FILE.safetensors (with FILE.config.json)")
     convert.add_argument("output", help="a directory (dcp, hf) or FILE.safetensors; must not exist unless --overwrite")
     convert.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="cast floating tensors")
     convert.add_argument("--family", default=None, help="refuse the input unless it is a model of this family")
@@ -22,7 +23,8 @@ def add_convert_commands(commands) -> None:
     convert.add_argument("--tokenizer", default=None, help="tokenizer file to ship (default: the input's)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     convert.add_argument("--model-config", default=None,
-                         help="megatron input without Megatron-LM args: a YAML with our model section, or a preset")
+                         help="our model config (a YAML with a model section, or a preset) for a megatron input without "
+                         "Megatron-LM args or a deepspeed checkpoint of our model")
     convert.set_defaults(run=_convert)
 
 

@@ -1,5 +1,6 @@
 """``model.init_from=DIR``: start training from converted weights (a Hugging Face directory, a
-single safetensors file or one of our checkpoints) under any parallel layout.
+Megatron-LM torch_dist checkpoint with its args, a single safetensors file or one of our
+checkpoints) under any parallel layout.
 
 The model section becomes DIR's config (the weights define the architecture), with the
 ``model.*`` overrides given on the command line applied on top (an attention backend, say). At
@@ -20,20 +21,24 @@ INIT_DIR = "init"
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """The conversion format of ``path``: dcp, hf or safetensors."""
+    """The conversion format of ``path``: dcp, hf, megatron or safetensors."""
     from pretrain.checkpoint import read_marker
+
+    from pretrain.convert.megatron import LATEST as MEGATRON_LATEST
 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         return "safetensors"
+    if path.is_dir() and ((path / MEGATRON_LATEST).is_file() or (path / "metadata.json").is_file()):
+        return "megatron"
     if path.is_dir() and (path / "config.json").is_file() and read_marker(path) is None:
         if any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
             return "hf"
     if path.is_dir() and (read_marker(path) is not None or (path / "checkpoints").is_dir() or (path / "latest").is_file()):
         return "dcp"
     raise ConversionError(
-        f"model.init_from={path}: not a Hugging Face directory (config.json + safetensors), a FILE.safetensors or "
-        "one of our checkpoints; convert it first with `pretrain convert`"
+        f"model.init_from={path}: not a Hugging Face directory (config.json + safetensors), a Megatron-LM "
+        "checkpoint, a FILE.safetensors or one of our checkpoints; convert it first with `pretrain convert`"
     )
 
 

@@ -5,7 +5,7 @@ before any tensor is in memory."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,6 @@ class Weights:
     tokenizer: Path | None = None
     step: int | None = None
     source: str = ""
-    extra: dict = field(default_factory=dict)
     fetch: Callable[[str], torch.Tensor] | None = None
 
     def total_bytes(self) -> int:
@@ -42,11 +41,15 @@ class Weights:
         listing = {k: (s, dtype if d.is_floating_point else d) for k, (s, d) in self.listing.items()}
         inner = self.read
 
+        def cast(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
         def read():
             for name, tensor in inner():
-                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                yield name, cast(tensor)
 
-        return Weights(self.config, listing, read, self.tokenizer, self.step, self.source, self.extra)
+        fetch = None if self.fetch is None else (lambda name, inner_fetch=self.fetch: cast(inner_fetch(name)))
+        return replace(self, listing=listing, read=read, fetch=fetch)
 
 
 def expected_names(config) -> tuple[dict[str, tuple[tuple, torch.dtype]], dict[str, str]]:

@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from pretrain.parallel.mesh import LayoutError, ParallelDims
+from pretrain.parallel.mesh import LayoutError, ParallelDims, flattened
 
 
 class AllToAllExchange:
@@ -66,14 +66,18 @@ class AllToAllExchange:
 
 def expert_meshes(dims: ParallelDims, ep: int, mesh: DeviceMesh) -> tuple[DeviceMesh, DeviceMesh]:
     """(the mesh the experts' DTensors live on: ``ep``, or ``ep`` × ``tp``; the mesh FSDP2 shards
-    expert weights over: ``dp_shard / ep``, or (``dp_replicate``, ``dp_shard / ep``) for HSDP).
-    Creates process groups: call once per model."""
-    split = mesh["dp_replicate", "dp_shard", "tp"]._unflatten(
-        1, (dims.dp_shard // ep, ep), ("dp_shard_mod_ep", "ep")
-    )
+    expert weights over: ``dp_shard / ep``, with HSDP (``dp_replicate`` > 1) together with
+    ``dp_replicate``). Under context parallelism ``ep`` is cut from ``dp_shard × cp``, whose ranks
+    all hold other tokens. Creates process groups: call once per model."""
+    inner, rest = "dp_shard", "dp_shard_mod_ep"
+    if dims.cp > 1:  # ep ranks are then the inner ranks of dp_shard × cp
+        flattened(mesh, "dp_shard_cp")
+        inner, rest = "dp_shard_cp", "dp_shard_cp_mod_ep"
+    outer = ("dp_replicate",) if dims.dp_replicate > 1 else ()
+    size = dims.dp_shard * dims.cp // ep
+    split = mesh[(*outer, inner, "tp")]._unflatten(len(outer), (size, ep), (rest, "ep"))
     placed = split["ep", "tp"] if dims.tp > 1 else split["ep"]
-    fsdp = split["dp_replicate", "dp_shard_mod_ep"] if dims.dp_replicate > 1 else split["dp_shard_mod_ep"]
-    return placed, fsdp
+    return placed, split[(*outer, rest)]
 
 
 def expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

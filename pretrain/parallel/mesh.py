@@ -144,15 +144,12 @@ def layout_errors(
     if dims.dp >= 1 and micro_batch >= 1:  # otherwise reported above, or by the train section
         errors.extend(_batch_errors(parallel, dims.dp, global_batch, micro_batch))
     shard_known = world is not None or parallel.dp_shard != -1
-    if parallel.ep > 1 and shard_known and dims.dp_shard >= 1 and dims.dp_shard % parallel.ep:
+    borrowed = dims.dp_shard * dims.cp  # ep is cut from dp_shard (x cp: those ranks hold other tokens too)
+    if parallel.ep > 1 and shard_known and dims.dp_shard >= 1 and borrowed % parallel.ep:
+        within = "parallel.dp_shard" + (f" x parallel.cp ({dims.dp_shard} x {dims.cp})" if dims.cp > 1 else "")
         errors.append(
-            f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dims.dp_shard}): expert parallelism "
+            f"parallel.ep ({parallel.ep}) must divide {within} ({borrowed}): expert parallelism "
             "borrows data-parallel ranks; launch more ranks or lower ep"
-        )
-    if parallel.ep > 1 and parallel.cp > 1:
-        errors.append(
-            f"parallel.ep={parallel.ep} with parallel.cp={parallel.cp} is not built (expert weights would need "
-            "their gradients summed over the cp ranks too); use one of them"
         )
     return dims, errors
 

@@ -8,7 +8,8 @@ global batch. Without pipeline parallelism the micro-batches run one after anoth
 synchronises only on the last); with it, the step's micro-batches go through the pipeline
 schedule in one call, the last stage computing the loss. Loss values are reduced over the
 data-parallel and pipeline groups only, never over tensor-parallel ranks (which hold the same
-loss).
+loss). Under context parallelism each rank runs its zigzag chunks of every sequence (``local``)
+and "data-parallel" reductions span dp × cp.
 
 A step may run several passes over the same micro-batches (models/passes.py: MatFormer's joint
 training runs one per nested width): each pass's loss is scaled by its weight before backward,
@@ -111,7 +112,7 @@ class ParallelRunner:
         self.hooked = self._hooked_modules()
         for _, module in self.hooked:
             if hasattr(module, "aux_loss_scale"):
-                module.aux_loss_scale = 1.0 / (n_microbatches * dims.dp)
+                module.aux_loss_scale = 1.0 / (n_microbatches * dims.dp * dims.cp)  # cp: chunks of a sequence
             if hasattr(module, "loss_settings"):
                 module.loss_settings = self.settings
         self.schedule = None

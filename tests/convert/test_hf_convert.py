@@ -6,7 +6,6 @@ safety rules (refused overwrite, one-line errors, nothing half-written left look
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from data.tokenizer import load_tokenizer
 from models.generate import generate
 from pretrain.cli import main
 from pretrain.convert import convert
-from pretrain.convert.errors import ConversionError
 from pretrain.export import load_model_weights
 from tests.convert.helpers import decoder_config, random_model, save_run
 
@@ -95,3 +93,36 @@ def test_cli_refuses_to_overwrite_and_names_bad_input(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not exist" in err and "holds a decoder model, not --family yoco" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_dtype_casts_every_floating_tensor(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root, model = run
+    convert("dcp", "hf", root, tmp_path / "hf", dtype="bf16")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True, dtype=torch.bfloat16)
+    from models.decoder.hf import LLAMA_ADAPTER
+
+    back = LLAMA_ADAPTER.state_from_hf(hf.state_dict(), model.config)
+    for name, tensor in weights_of(model).items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor.to(torch.bfloat16)), name
+
+
+def test_a_tokenizer_json_ships_and_encodes_like_ours(tmp_path, bible_jsonl):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    lines = [json.loads(line)["text"] for line in bible_jsonl.read_text().splitlines()[:200]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>", "<pad>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    save_run(tmp_path / "run", random_model(decoder_config(vocab=640)))
+    convert("dcp", "hf", tmp_path / "run", tmp_path / "hf", tokenizer=tmp_path / "tokenizer.json")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, 2)
+    for text in lines[:50] + ["a literal <s> inside", "  spaces\tand tabs", ""]:
+        assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text), text[:40]

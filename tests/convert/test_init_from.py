@@ -1,5 +1,6 @@
-"""``pretrain train model.init_from=DIR``: a Hugging Face directory initialises training under
-TP2 and FSDP2 with exactly the weights transformers loads from it, and the run trains on."""
+"""``pretrain train model.init_from=DIR``: a Hugging Face directory (under TP2 and FSDP2) or a
+Megatron-LM checkpoint (under TP2) initialises training with exactly the weights transformers
+loads from the HF directory of the same model, and the run trains on."""
 
 from __future__ import annotations
 
@@ -36,8 +37,13 @@ def init_and_train(rank: int, world: int, cache: str, hf: str, run_dir: str, lay
     return {"weights": weights, "code": trainer.fit(), "d_model": config.model.d_model}
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.dp_shard=1"], ["parallel.dp_shard=2"]], ids=["tp2", "fsdp2"])
-def test_training_starts_from_the_hf_weights(cache, tmp_path, layout):
+TP2, FSDP2 = ["parallel.tp=2", "parallel.dp_shard=1"], ["parallel.dp_shard=2"]
+
+
+@pytest.mark.parametrize(
+    "layout,source", [(TP2, "hf"), (FSDP2, "hf"), (TP2, "megatron")], ids=["tp2-hf", "fsdp2-hf", "tp2-megatron"]
+)
+def test_training_starts_from_the_converted_weights(cache, tmp_path, layout, source):
     from transformers import AutoModelForCausalLM
 
     from models.decoder.hf import LLAMA_ADAPTER
@@ -45,7 +51,9 @@ def test_training_starts_from_the_hf_weights(cache, tmp_path, layout):
     model = random_model(decoder_config(vocab=4096), seed=4)
     save_run(tmp_path / "src", model)
     convert("dcp", "hf", tmp_path / "src", tmp_path / "hf")
-    results = run_ranks(2, init_and_train, str(cache), str(tmp_path / "hf"), str(tmp_path / "run"), layout)
+    if source == "megatron":
+        convert("dcp", "megatron", tmp_path / "src", tmp_path / "megatron")
+    results = run_ranks(2, init_and_train, str(cache), str(tmp_path / source), str(tmp_path / "run"), layout)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
     expected = LLAMA_ADAPTER.state_from_hf(hf.state_dict(), model.config)
     for result in results:

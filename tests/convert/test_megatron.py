@@ -96,8 +96,7 @@ def megatron_side(rank: int, world: int, save_dir: str | None, load_dir: str | N
 def ours(run_dir) -> torch.nn.Module:
     checkpoint = next((run_dir / "checkpoints").glob("step_*"))
     model = build_model(ModelConfig.from_dict(yaml.safe_load((checkpoint / "config.json").read_text())["model"]))
-    model.load_state_dict(load_model_weights(checkpoint), strict=False)
-    model.tie_weights() if model.config.tie_embeddings else None
+    model.load_state_dict(load_model_weights(checkpoint))
     return model.eval()
 
 
@@ -143,3 +142,17 @@ def test_unknown_megatron_layouts_are_refused(tmp_path, capsys):
     assert "unknown Megatron layout: tensor decoder.layers.mlp.experts.linear_fc1.weight" in err
     assert main(args) == 2
     assert "pass --model-config" in capsys.readouterr().err
+
+
+def test_megatron_export_with_a_dtype_round_trips_the_cast_weights(tmp_path):
+    from tests.convert.helpers import random_model, save_run
+
+    model = random_model(decoder_config(vocab=VOCAB, tie=True))
+    save_run(tmp_path / "run", model)
+    convert("dcp", "megatron", tmp_path / "run", tmp_path / "meg", dtype="bf16")
+    convert("megatron", "dcp", tmp_path / "meg", tmp_path / "back")
+    back = load_model_weights(tmp_path / "back" / "checkpoints" / "step_00000007")
+    expected = dict(model.named_parameters())
+    assert back.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor.detach().to(torch.bfloat16)), name

@@ -137,3 +137,18 @@ def test_loader_slices_over_ranks_and_resumes_exactly(shards):
                          task=lambda *a: task(MODEL, *a))
     with pytest.raises(Exception, match="span_corruption"):
         other.load_state_dict(first.state_dict())
+
+
+def test_sentinels_in_text_round_trip_through_the_tokenizer(cache):
+    from data.span_corruption import decode_with_sentinels, encode_with_sentinels
+    from data.tokenizer import load_tokenizer
+    from pretrain.builtin_data import prepare_builtin_corpus
+
+    tokenizer = load_tokenizer(prepare_builtin_corpus(cache, log=lambda m: None).parent / "tokenizer" / "tokenizer.model")
+    vocab = tokenizer.vocab_size + 100
+    text = "And God said <extra_id_0> light <extra_id_12> was good"
+    ids = encode_with_sentinels(tokenizer, text, vocab)
+    assert ids.count(vocab - 1) == 1 and ids.count(vocab - 13) == 1 and max(ids) == vocab - 1
+    assert decode_with_sentinels(tokenizer, ids, vocab) == text
+    with pytest.raises(Exception, match="extra_id_0"):
+        encode_with_sentinels(tokenizer, "<extra_id_100>", vocab)

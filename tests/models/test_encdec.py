@@ -15,6 +15,8 @@ from models.encdec.generate import generate
 from models.encdec.hf import T5_ADAPTER
 from models.encdec.position import relative_bucket
 from models.ffn.gated import GatedGELUConfig, ReLUConfig
+from models.ffn.matformer.config import MatFormerConfig
+from models.ffn.moe.config import MoEConfig
 from models.ffn.swiglu import SwiGLUConfig
 from models.spec import build_model, hf_adapter
 
@@ -132,7 +134,8 @@ def test_cached_decoding_equals_the_full_forward(position):
 
 
 @pytest.mark.parametrize("position", ["relative", "rope"])
-@pytest.mark.parametrize("ffn", [GatedGELUConfig(d_ff=80), SwiGLUConfig(d_ff=64)])
+@pytest.mark.parametrize("ffn", [GatedGELUConfig(d_ff=80), SwiGLUConfig(d_ff=64), MoEConfig(n_experts=4, top_k=2, d_ff=32),
+                                 MatFormerConfig(d_ff=64, granularities=[32, 64])], ids=lambda f: f.kind)
 def test_packed_examples_equal_each_example_alone(position, ffn):
     torch.manual_seed(4)
     model = build_model(_config(position=position, backend="sdpa", ffn=ffn)).eval()

@@ -46,3 +46,22 @@ def test_flop_formula_matches_the_flop_counter(config, enc_len, dec_len):
     visible = forward_flops(config, enc_len, dec_len)
     l_d, a = config.decoder_layers, config.n_heads * config.resolved_head_dim
     assert counted["total"] - visible["total"] == l_d * 4 * a * dec_len * dec_len // 2
+
+
+def test_t5_base_preset_is_t5_v1_1_base():
+    """t5-base has T5 v1.1 base's shape: the same count as transformers' T5 of that config (built
+    on the meta device), 247,577,856 parameters (google/t5-v1_1-base)."""
+    from pathlib import Path
+
+    from transformers import T5ForConditionalGeneration
+
+    from models.config import ModelConfig
+    from models.configtree import load_yaml
+
+    preset = Path(__file__).resolve().parents[2] / "configs" / "t5-base.yaml"
+    config = ModelConfig.from_dict(load_yaml(preset)["model"])
+    hf_config = T5_ADAPTER.config_to_hf(config)
+    with torch.device("meta"):
+        hf = T5ForConditionalGeneration(hf_config)
+    hf.set_input_embeddings(hf.shared)
+    assert param_count(config) == param_counts(config).total == hf.num_parameters() == 247_577_856

@@ -1,15 +1,20 @@
 """Context parallelism trains like one process: CP2 and CP4 (ring), the all-to-all option, CP
-combined with TP2(+SP) and with FSDP2, and YOCO (windowed self-decoder, cross-decoder), for 5 steps on packed documents (full causal attention
-and a sliding window), each with the losses and gradient norms of an independent
-single-process loop (tests/parallel/workloads.py); and the first step's gradients, parameter by
-parameter, equal that loop's, on packed documents and on one causal document per row."""
+combined with TP2(+SP), FSDP2, PP2 (1F1B) and recomputation, YOCO (windowed self-decoder,
+cross-decoder) and an MoE decoder (also under EP2), for 5 steps on packed documents (full
+causal attention and a sliding window), each with the losses and gradient norms of an
+independent single-process loop (tests/parallel/workloads.py); and the first step's gradients,
+parameter by parameter, equal that loop's, on packed documents and on one causal document per
+row."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
+from models.ffn.moe import MoEConfig
 from models.spec import build_model
 from pretrain.names import clean_key
 from pretrain.parallel.config import ParallelConfig
@@ -26,6 +31,12 @@ CONFIGS = {
     "window": variant(TINY, mixer=dict(window=6)),
     "kv4": variant(TINY, mixer=dict(n_heads=4, n_kv_heads=4)),
     "yoco": YOCO,  # sliding-window self-decoder, cross-decoder over the one global K,V
+    # Dropless routing without auxiliary losses: what a rank routes then does not depend on
+    # which tokens it holds (capacity and balancing losses are computed over a rank's chunks).
+    "moe": dataclasses.replace(TINY, ffn=MoEConfig(
+        n_experts=4, top_k=2, d_ff=32, n_shared_experts=1, first_dense_layers=1, dense_d_ff=128,
+        capacity_factor=None, aux_loss_coef=0.0, z_loss_coef=0.0,
+    )),
 }
 LAYOUTS = {
     2: {
@@ -34,6 +45,8 @@ LAYOUTS = {
         "cp2_alltoall": (dict(cp=2, dp_shard=1, cp_mode="alltoall"), 2, "causal"),
         "cp2_alltoall_window": (dict(cp=2, dp_shard=1, cp_mode="alltoall"), 2, "window"),
         "cp2_yoco": (dict(cp=2, dp_shard=1), 2, "yoco"),
+        "cp2_recompute_selective": (dict(cp=2, dp_shard=1), 2, "causal", "selective"),
+        "cp2_recompute_full": (dict(cp=2, dp_shard=1), 2, "window", "full"),
     },
     4: {
         "cp4": (dict(cp=4, dp_shard=1), 2, "causal"),
@@ -44,6 +57,9 @@ LAYOUTS = {
         "cp2_fsdp2": (dict(cp=2, dp_shard=2), 2, "causal"),
         "cp2_fsdp2_alltoall": (dict(cp=2, dp_shard=2, cp_mode="alltoall"), 1, "window"),
         "cp4_yoco": (dict(cp=4, dp_shard=1), 2, "yoco"),
+        "cp2_pp2": (dict(cp=2, pp=2, dp_shard=1, pp_schedule="1f1b"), 2, "window"),
+        "cp2_fsdp2_moe": (dict(cp=2, dp_shard=2), 2, "moe"),
+        "cp2_ep2_moe": (dict(cp=2, dp_shard=2, ep=2), 2, "moe"),
     },
 }
 CASES = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
@@ -62,7 +78,7 @@ def first_batch(documents: bool) -> dict:
 
 
 def parallel_gradients(world: int, name: str, documents: bool) -> dict[str, torch.Tensor]:
-    fields, micro, config = next(layouts[name] for layouts in LAYOUTS.values() if name in layouts)
+    fields, micro, config, *_ = next(layouts[name] for layouts in LAYOUTS.values() if name in layouts)
     training = ParallelTraining(world, ParallelConfig(**fields), micro, model_config=CONFIGS[config])
     batch, per_rank = first_batch(documents), GLOBAL_BATCH // training.dims.dp
     mine = cut(batch, training.runner.dp_rank * per_rank, per_rank)
@@ -90,8 +106,9 @@ def reference_gradients(config, documents: bool) -> dict[str, torch.Tensor]:
 
 def train(rank: int, world: int) -> dict:
     results = {}
-    for name, (fields, micro, config) in LAYOUTS[world].items():
-        results.update(train_layouts(rank, world, {name: (fields, micro)}, STEPS, model_config=CONFIGS[config]))
+    for name, (fields, micro, config, *recompute) in LAYOUTS[world].items():
+        layout = {name: (fields, micro, *recompute)}
+        results.update(train_layouts(rank, world, layout, STEPS, model_config=CONFIGS[config]))
     for name in GRADIENT_LAYOUTS[world]:
         for documents in (True, False):
             results[("grads", name, documents)] = parallel_gradients(world, name, documents)

@@ -134,8 +134,8 @@ def test_layout_errors_name_the_problem():
             ParallelConfig(ep=2, dp_replicate=2, dp_shard=1), MOE, 2, global_batch=GLOBAL_BATCH, micro_batch=1,
             seq_len=SEQ,
         )
-    with pytest.raises(LayoutError, match=r"parallel.ep=2 with parallel.cp=2 is not built"):
-        check_layout(ParallelConfig(ep=2, cp=2), MOE, 4, global_batch=GLOBAL_BATCH, micro_batch=1, seq_len=SEQ)
+    with pytest.raises(LayoutError, match=r"parallel.ep \(4\) must divide parallel.dp_shard x parallel.cp \(1 x 2\)"):
+        check_layout(ParallelConfig(ep=4, cp=2, dp_shard=1), MOE, 2, global_batch=GLOBAL_BATCH, micro_batch=1, seq_len=SEQ)
 
 
 def test_expert_modules_name_what_expert_parallelism_needs():
