@@ -22,12 +22,24 @@ from 1 and positions restart per example, so no attention crosses examples
 (models/encdec/model.py). The random spans of example e come from a generator seeded by
 (seed, e): any rank reading any row at any time gets the same example, so DP slicing and resume
 are those of the GPT loader (data/loader.py).
+
+``objective`` ``ul2`` (Tay et al. 2022) draws each example's denoiser from a weighted mixture
+with the same generator (first draw: the denoiser; then its randomness): R and X denoisers are
+span corruption at their own density and mean span, S is prefix-LM (inputs a prefix of the
+window, targets the continuation, no sentinels). ``prefix_lm`` is the S denoiser alone. Each
+denoiser reads the first ``raw_length`` tokens of the example's window that its longest inputs
+fit in; windows are the longest of these. With ``mode_tokens`` the inputs start with the
+denoiser's mode token, [R], [S] or [X]: ids ``vocab_size − extra_ids − 1, −2, −3``, just below
+the sentinels.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -36,15 +48,48 @@ from data.errors import DataError
 PAD = 0
 
 
+DENOISER_KINDS = ("R", "S", "X")
+UL2_FIELDS = ("objective", "denoisers", "mode_tokens")
+
+
+@dataclass
+class DenoiserConfig:
+    """One denoiser of a UL2 mixture (``data.span_corruption.denoisers[i]``). ``kind`` R or X: span
+    corruption at ``noise_density`` and ``mean_span`` (the kind names the mode token); S:
+    prefix-LM whose continuation is on average about ``noise_density`` of the window (``mean_span``
+    unused). ``weight``: its share of the examples, relative to the other denoisers'."""
+
+    kind: Literal["R", "S", "X"] = "R"
+    noise_density: float = 0.15
+    mean_span: float = 3.0
+    weight: float = 1.0
+
+    def problems(self, key: str) -> list[str]:
+        errors = []
+        if self.kind not in DENOISER_KINDS:
+            errors.append(f"{key}.kind must be one of R, S, X, got {self.kind!r}")
+        if not 0 < self.noise_density < 1:
+            errors.append(f"{key}.noise_density must be in (0, 1), got {self.noise_density}")
+        if self.kind != "S" and not self.mean_span >= 1:
+            errors.append(f"{key}.mean_span must be >= 1, got {self.mean_span}")
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight > 0):
+            errors.append(f"{key}.weight must be a finite number > 0, got {self.weight}")
+        return errors
+
+
 @dataclass
 class SpanCorruptionConfig:
     """``data.span_corruption``: the objective of encoder-decoder runs (``data.seq_len`` is the
-    encoder row length)."""
+    encoder row length). ``objective``: ``span`` (T5), ``ul2`` (the ``denoisers`` mixture) or
+    ``prefix_lm`` (the S denoiser alone, its continuation about ``noise_density`` of a window)."""
 
     noise_density: float = 0.15
     mean_span: float = 3.0
     examples_per_row: int = 1
     extra_ids: int = 100
+    objective: Literal["span", "ul2", "prefix_lm"] = "span"
+    denoisers: list[DenoiserConfig] = field(default_factory=list)
+    mode_tokens: bool = False
 
     def problems(self, seq_len: int) -> list[str]:
         errors = []
@@ -57,7 +102,38 @@ class SpanCorruptionConfig:
                 f"data.span_corruption.examples_per_row ({self.examples_per_row}) must be >= 1 and leave each "
                 f"example at least 4 of data.seq_len={seq_len} input tokens"
             )
+        if self.objective not in ("span", "ul2", "prefix_lm"):
+            errors.append(f"data.span_corruption.objective must be span, ul2 or prefix_lm, got {self.objective!r}")
+        if self.objective == "ul2" and not self.denoisers:
+            errors.append(
+                "data.span_corruption.objective ul2 needs data.span_corruption.denoisers, a list such as "
+                "[{kind: R, noise_density: 0.15, mean_span: 3}, {kind: X, noise_density: 0.5, mean_span: 32}, "
+                "{kind: S, noise_density: 0.25}]"
+            )
+        if self.objective != "ul2" and self.denoisers:
+            errors.append(
+                f"data.span_corruption.denoisers is read only by objective ul2 (objective is {self.objective!r})"
+            )
+        if self.objective == "span" and self.mode_tokens:
+            errors.append("data.span_corruption.mode_tokens needs objective ul2 or prefix_lm (objective is 'span')")
+        for i, denoiser in enumerate(self.denoisers):
+            errors += denoiser.problems(f"data.span_corruption.denoisers[{i}]")
         return errors
+
+    def mixture(self) -> list[DenoiserConfig]:
+        """The denoisers examples are drawn from: one for ``span`` and ``prefix_lm``."""
+        if self.objective == "ul2":
+            return list(self.denoisers)
+        kind = "S" if self.objective == "prefix_lm" else "R"
+        return [DenoiserConfig(kind, self.noise_density, self.mean_span)]
+
+    def fingerprint(self) -> dict:
+        """The settings a resumed loader must match (``span`` records no UL2 field, as before them)."""
+        values = dataclasses.asdict(self)
+        if self.objective == "span":
+            for key in UL2_FIELDS:
+                values.pop(key)
+        return values
 
 
 def noise_counts(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
@@ -114,10 +190,87 @@ def sentinel_text(token_id: int, vocab_size: int, extra_ids: int) -> str | None:
     return f"<extra_id_{j}>" if 0 <= j < extra_ids else None
 
 
+def continuation_bound(length: int, noise_density: float) -> int:
+    """The longest continuation the S denoiser cuts from a window of ``length`` tokens: continuations
+    are uniform over 1 .. min(L − 1, max(1, round(2 · noise_density · L))) tokens."""
+    return min(length - 1, max(1, int(round(2 * length * noise_density))))
+
+
+def prefix_lm(tokens: np.ndarray, continuation: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) of prefix-LM: the first ``len − continuation`` tokens, then the rest; both
+    end in EOS."""
+    cut = tokens.size - continuation
+    return np.append(tokens[:cut], eos_id).astype(np.int64), np.append(tokens[cut:], eos_id).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """A denoiser planned for examples of ``inputs_length`` input tokens: it reads the first
+    ``raw_length`` tokens of a window and writes at most ``inputs`` and ``targets`` tokens."""
+
+    config: DenoiserConfig
+    mode_token: int | None
+    raw_length: int
+    inputs: int
+    targets: int
+
+    def apply(self, tokens: np.ndarray, first_sentinel: int, eos_id: int, rng: np.random.Generator):
+        """(tokens read, inputs, targets) of a window."""
+        tokens = tokens[: self.raw_length]
+        c = self.config
+        if c.kind == "S":
+            continuation = int(rng.integers(1, continuation_bound(tokens.size, c.noise_density) + 1))
+            inputs, targets = prefix_lm(tokens, continuation, eos_id)
+        else:
+            mask = noise_mask(tokens.size, c.noise_density, c.mean_span, rng)
+            inputs, targets = corrupt(tokens, mask, first_sentinel, eos_id)
+        if self.mode_token is not None:
+            inputs = np.concatenate([[self.mode_token], inputs]).astype(np.int64)
+        return tokens, inputs, targets
+
+
+def mode_token_id(kind: str, vocab_size: int, extra_ids: int) -> int:
+    """The id of mode token [R], [S] or [X]: the three ids below the ``extra_ids`` sentinels."""
+    return vocab_size - extra_ids - 1 - DENOISER_KINDS.index(kind)
+
+
+def plan_denoisers(config: SpanCorruptionConfig, inputs_length: int, vocab_size: int) -> list[Denoiser]:
+    """The mixture of ``config`` planned for examples of ``inputs_length`` input tokens: each
+    denoiser's window is the longest whose inputs (mode token included) fit."""
+    planned = []
+    for i, d in enumerate(config.mixture()):
+        mode = mode_token_id(d.kind, vocab_size, config.extra_ids) if config.mode_tokens else None
+        room = inputs_length - (mode is not None)
+        if d.kind == "S":
+            if room < 2:
+                raise DataError(f"no prefix-LM window fits {inputs_length} input tokens; give each example more")
+            raw, inputs, targets = room, room, continuation_bound(room, d.noise_density) + 1
+        else:
+            raw = raw_length(room, d.noise_density, d.mean_span)
+            inputs, targets = corrupted_lengths(raw, d.noise_density, d.mean_span)
+            spans = noise_counts(raw, d.noise_density, d.mean_span)[1]
+            if spans > config.extra_ids:
+                which = f" of data.span_corruption.denoisers[{i}]" if config.objective == "ul2" else ""
+                raise DataError(
+                    f"examples{which} have {spans} noise spans but data.span_corruption.extra_ids is "
+                    f"{config.extra_ids}; raise extra_ids to >= {spans} (and model.vocab_size with it)"
+                )
+        planned.append(Denoiser(d, mode, raw, inputs + (mode is not None), targets))
+    return planned
+
+
+def choose(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """Index drawn with probability proportional to ``weights`` (no draw for a single one)."""
+    if weights.size == 1:
+        return 0
+    bounds = np.cumsum(weights) / weights.sum()
+    return min(int(np.searchsorted(bounds, rng.random(), side="right")), weights.size - 1)
+
+
 class SpanCorruptionDataset:
-    """Rows of ``examples_per_row`` span-corrupted examples over ``windows`` (a dataset whose
-    samples hold ``input_ids`` and ``labels`` of ``raw_length − 1`` tokens each: a GPT or
-    blended dataset built with ``seq_len = raw_length − 1``)."""
+    """Rows of ``examples_per_row`` examples (span-corrupted, or denoised by a UL2 mixture) over
+    ``windows`` (a dataset whose samples hold ``input_ids`` and ``labels`` of ``raw_length − 1``
+    tokens each: a GPT or blended dataset built with ``seq_len = raw_length − 1``)."""
 
     def __init__(
         self, windows, config: SpanCorruptionConfig, *, inputs_length: int, vocab_size: int, eos_id: int,
@@ -129,18 +282,19 @@ class SpanCorruptionDataset:
         self.windows, self.config, self.seed = windows, config, seed
         self.inputs_length, self.eos_id, self.decoder_start_id = inputs_length, eos_id, decoder_start_id
         self.first_sentinel = vocab_size - 1
-        k = config.examples_per_row
-        self.raw_length = raw_length(inputs_length // k, config.noise_density, config.mean_span)
-        self.example_inputs, self.example_targets = corrupted_lengths(
-            self.raw_length, config.noise_density, config.mean_span
-        )
-        self.targets_length = k * self.example_targets
-        spans = noise_counts(self.raw_length, config.noise_density, config.mean_span)[1]
-        if spans > config.extra_ids:
+        self.first_special = vocab_size - config.extra_ids - (len(DENOISER_KINDS) if config.mode_tokens else 0)
+        if self.first_special <= max(eos_id, decoder_start_id):
             raise DataError(
-                f"examples have {spans} noise spans but data.span_corruption.extra_ids is {config.extra_ids}; "
-                f"raise extra_ids to >= {spans} (and model.vocab_size with it)"
+                f"model.vocab_size {vocab_size} leaves no room for the tokenizer below the "
+                f"{vocab_size - self.first_special} sentinel and mode ids"
             )
+        k = config.examples_per_row
+        self.denoisers = plan_denoisers(config, inputs_length // k, vocab_size)
+        self.weights = np.array([d.config.weight for d in self.denoisers], dtype=np.float64)
+        self.raw_length = max(d.raw_length for d in self.denoisers)
+        self.example_inputs = max(d.inputs for d in self.denoisers)
+        self.example_targets = max(d.targets for d in self.denoisers)
+        self.targets_length = k * self.example_targets
 
     def __len__(self) -> int:
         return len(self.windows) // self.config.examples_per_row
@@ -151,12 +305,18 @@ class SpanCorruptionDataset:
         return self.windows.datasets
 
     def example(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(raw window, inputs, targets) of example ``e``."""
+        """(tokens read, inputs, targets) of example ``e``."""
         sample = self.windows[e]
         tokens = np.concatenate([sample["input_ids"], sample["labels"][-1:]]).astype(np.int64)
+        if tokens.size and tokens.max() >= self.first_special:
+            modes = " + 3 mode tokens" if self.config.mode_tokens else ""
+            raise DataError(
+                f"example {e} holds token {tokens.max()}, a sentinel or mode id: model.vocab_size must be the "
+                f"tokenizer's size + data.span_corruption.extra_ids{modes}"
+            )
         rng = np.random.default_rng([self.seed, e])
-        mask = noise_mask(tokens.size, self.config.noise_density, self.config.mean_span, rng)
-        return (tokens, *corrupt(tokens, mask, self.first_sentinel, self.eos_id))
+        denoiser = self.denoisers[choose(self.weights, rng)]
+        return denoiser.apply(tokens, self.first_sentinel, self.eos_id, rng)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         k = self.config.examples_per_row
@@ -196,8 +356,6 @@ def build_span_corruption(
     """The span-corruption rows of one split of ``config`` (a ``data.loader.DataConfig``;
     ``num_samples`` rows, None: one epoch of windows) and the fingerprint a resumed loader
     must match."""
-    import dataclasses
-
     from data.loader import build_dataset, data_fingerprint
 
     span = config.span_corruption
@@ -205,7 +363,7 @@ def build_span_corruption(
     if errors:
         raise DataError("; ".join(errors))
     k = span.examples_per_row
-    raw = raw_length(config.seq_len // k, span.noise_density, span.mean_span)
+    raw = max(d.raw_length for d in plan_denoisers(span, config.seq_len // k, vocab_size))
     window_config = dataclasses.replace(config, seq_len=raw - 1)
     windows = build_dataset(window_config, split_name, None if num_samples is None else num_samples * k)
     eos = config.eod_id
@@ -218,7 +376,7 @@ def build_span_corruption(
         windows, span, inputs_length=config.seq_len, vocab_size=vocab_size, eos_id=eos,
         decoder_start_id=decoder_start_id, seed=config.seed,
     )
-    fingerprint = {**data_fingerprint(window_config, windows, split_name), "span_corruption": dataclasses.asdict(span),
+    fingerprint = {**data_fingerprint(window_config, windows, split_name), "span_corruption": span.fingerprint(),
                    "rows": [config.seq_len, dataset.targets_length], "vocab_size": vocab_size}
     return dataset, fingerprint
 

@@ -154,6 +154,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
         except ValueError as e:
             errors.append(f"model: {e}")
     errors.extend(validate_data(config.data))
+    if getattr(config.model, "family", None) == "encdec":
+        errors.extend(config.data.span_corruption.problems(config.data.seq_len))
     for section in (config.optim, config.schedule, config.train, config.checkpoint, config.logging):
         errors.extend(section.validate())
     train = config.train
