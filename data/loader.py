@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from data.blend import BlendedDataset, build_blended_dataset, parse_blend
 from data.errors import DataError
 from data.gpt_dataset import TokenSource
+from data.span_corruption import SpanCorruptionConfig
 
 STATE_VERSION = 1
 
@@ -52,6 +53,7 @@ class DataConfig:
     prefetch_factor: int = 4
     pin_memory: bool = False
     tokenizer_fingerprint: str | None = None
+    span_corruption: SpanCorruptionConfig = field(default_factory=SpanCorruptionConfig)
 
 
 def open_sources(config: DataConfig) -> tuple[list[TokenSource], list[float] | None]:
@@ -114,17 +116,23 @@ def collate(samples: list[dict], dtype=np.int64) -> tuple[np.ndarray, np.ndarray
     boundary, which measured cheaper per batch than torch's shared-memory tensors (see
     docs/data-loading.md); :func:`unpack` widens to int64 in the main process.
     """
+    ids = np.array([sample.get("dataset_id", 0) for sample in samples], dtype=np.int64)
+    if set(samples[0]) - {"dataset_id"} != set(SAMPLE_KEYS):  # other tasks' samples: one array per key
+        keys = [key for key in samples[0] if key != "dataset_id"]
+        return {key: np.stack([sample[key] for sample in samples]).astype(dtype, copy=False) for key in keys}, ids
     packed = np.empty((len(SAMPLE_KEYS), len(samples), samples[0]["labels"].size), dtype=dtype)
     for j, sample in enumerate(samples):
         for k, key in enumerate(SAMPLE_KEYS):
             packed[k, j] = sample[key]
-    return packed, np.array([sample.get("dataset_id", 0) for sample in samples], dtype=np.int64)
+    return packed, ids
 
 
 def unpack(batch: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
     """:func:`collate`'s output as a dict of int64 tensors ``[micro_batch, S]`` (``dataset_id``:
     ``[micro_batch]``)."""
     packed, ids = batch
+    if isinstance(packed, dict):
+        return {**{k: torch.as_tensor(v).to(torch.int64) for k, v in packed.items()}, "dataset_id": torch.as_tensor(ids)}
     tensor = torch.as_tensor(packed).to(torch.int64)
     return {**dict(zip(SAMPLE_KEYS, tensor.unbind(0))), "dataset_id": torch.as_tensor(ids)}
 
@@ -132,6 +140,8 @@ def unpack(batch: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
 def collate_tensors(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`collate` as int64 tensors, for DataLoader's memory-pinning thread."""
     packed, ids = collate(samples)
+    if isinstance(packed, dict):
+        return {k: torch.from_numpy(v) for k, v in packed.items()}, torch.from_numpy(ids)
     return torch.from_numpy(packed), torch.from_numpy(ids)
 
 
@@ -280,16 +290,23 @@ def build_loader(
     global_batch: int,
     micro_batch: int,
     num_samples: int | None = None,
+    task=None,
 ) -> StatefulLoader:
     """A loader over ``split_name``: ``num_samples`` (``None``: one pass over the split) rounded
-    down to whole global batches."""
+    down to whole global batches. ``task(config, split_name, num_samples)`` → (dataset,
+    fingerprint) builds another task's samples (a model family's, e.g. span corruption) than
+    GPT windows."""
     check_layout(dp_rank, dp_size, global_batch, micro_batch)
     if config.num_workers < 0:
         raise DataError(f"num_workers must be >= 0, got {config.num_workers}")
-    dataset = build_dataset(config, split_name, num_samples)
+    if task is None:
+        dataset = build_dataset(config, split_name, num_samples)
+        fingerprint = data_fingerprint(config, dataset, split_name)
+    else:
+        dataset, fingerprint = task(config, split_name, num_samples)
     return StatefulLoader(
         dataset,
-        data_fingerprint(config, dataset, split_name),
+        fingerprint,
         dp_rank=dp_rank,
         dp_size=dp_size,
         global_batch=global_batch,

@@ -11,12 +11,17 @@ import torch
 class DecodeState:
     """Generation state: one entry per stateful mixer (a KV cache, a window cache, a recurrent
     state, a static cross-attention KV), keyed by the mixer's ``layer_id``, plus the number of
-    positions already processed. The family advances ``length`` after each forward."""
+    positions already processed. The family advances ``length`` after each forward.
+
+    ``prefill`` is set by the caller while it feeds a prompt (in one or several chunks): only
+    each forward's last position's logits are needed, so a family may compute just those (YOCO's
+    early exit). Otherwise every position's logits are returned (speculative verification)."""
 
     def __init__(self, layers: dict[Any, Any], max_len: int):
         self.layers = layers
         self.max_len = max_len
         self.length = 0
+        self.prefill = False
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -59,8 +59,10 @@ def generate(
     step = prefill_chunk or prompt_len
     if step < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    state.prefill = True
     for start in range(0, prompt_len, step):
         logits = model(prompt[:, start : start + step], state=state)[:, -1]
+    state.prefill = False
     tokens = [prompt]
     done = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     for step in range(max_new_tokens):

@@ -4,6 +4,10 @@ to and from Hugging Face checkpoints without permutation.
 The tables are computed from ``position_ids`` on every forward (no buffers), so a model built on
 the meta device needs nothing recomputed after ``to_empty``, and positions may restart at 0 at
 each packed document.
+
+Context extension: a larger ``theta`` (slower rotations) and position interpolation
+(``interpolation`` s > 1: positions divided by s, so a model trained on S positions sees S·s
+within the angles it knows; Chen et al. 2023, Hugging Face's ``rope_type: linear``, factor s).
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from models.kernels import compiled, liger_function
 
 
 def rope_tables(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, interpolation: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [B, S, head_dim] for integer ``position_ids`` [B, S]; angles in fp32."""
+    """cos, sin of shape [B, S, head_dim] for integer ``position_ids`` [B, S] divided by
+    ``interpolation``; angles in fp32."""
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponents)
+    inv_freq = 1.0 / (theta**exponents) / interpolation
     angles = position_ids[..., None].float() * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -71,6 +71,9 @@ class ModelSpec:
       auxiliary term).
     - ``hf``: the family's Hugging Face adapters (models/hf.py), each for one transformers class
       (a decoder maps to Llama; an MoE decoder to Mixtral...). ``hf_adapter`` picks one.
+    - ``task(model_config, data_config, split_name, num_samples)``: ``(dataset, fingerprint)``
+      of the samples the family trains on, when they are not GPT windows (data/loader.py's
+      ``build_loader`` ``task``); None: packed GPT samples.
     """
 
     name: str
@@ -81,6 +84,7 @@ class ModelSpec:
     loss_tokens: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
     loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     hf: tuple = ()
+    task: Callable | None = None
 
 
 class FamilyModel(Protocol):

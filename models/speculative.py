@@ -52,10 +52,12 @@ def speculative_generate(
     draft_state = model.new_decode_state(1, max_len, weight.dtype, prompt.device)
     stats = SpeculativeStats()
     try:
+        target_state.prefill = draft_state.prefill = True
         use_draft(False)
         last = model(prompt, state=target_state)[:, -1].argmax(-1, keepdim=True)  # [1, 1]
         use_draft(True)
         model(prompt, state=draft_state)
+        target_state.prefill = draft_state.prefill = False
         out = [last]
         emitted = 1
         while emitted < max_new_tokens and not (eos_id is not None and int(last) == eos_id):

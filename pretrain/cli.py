@@ -23,6 +23,7 @@ from data.readers import InputError
 from data.tokenizer import TokenizerError
 from pretrain.errors import CheckpointError, ReportError, TrainingError
 from pretrain.commands import add_matformer_commands, add_run_commands
+from pretrain.convert.cli import add_convert_commands
 from models.configtree import ConfigError
 from tools.scaling.cli import add_scaling_commands
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_matformer_commands(commands)
     add_data_commands(commands)
     add_scaling_commands(commands)
+    add_convert_commands(commands)
     return parser
 
 

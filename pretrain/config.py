@@ -101,6 +101,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init_from: str | None = None  # set as model.init_from=DIR (pretrain/convert/init.py)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -121,7 +122,10 @@ def resolve_preset(name_or_path: str | None) -> Path:
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> Config:
+    from pretrain.convert.init import apply_init_from
+
     tree = apply_overrides(load_yaml(resolve_preset(name_or_path)), list(overrides))
+    tree = apply_init_from(tree, list(overrides))
     config = from_dict(Config, tree)
     validate(config)
     return config

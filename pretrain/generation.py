@@ -60,6 +60,8 @@ def find_tokenizer(checkpoint: Path, explicit: str | None):
 def generate_main(args) -> int:
     model, path = load_checkpoint_model(args.checkpoint)
     tokenizer = find_tokenizer(path, args.tokenizer)
+    if getattr(model, "seq2seq", False):
+        return _seq2seq(model, tokenizer, args)
     ids = tokenizer.encode(args.prompt)
     if tokenizer.bos_id is not None and args.bos:
         ids = [tokenizer.bos_id] + ids
@@ -78,6 +80,25 @@ def generate_main(args) -> int:
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
     print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+def _seq2seq(model, tokenizer, args) -> int:
+    """An encoder-decoder answers its input with new text: ``<extra_id_j>`` in the prompt are
+    the span-corruption sentinels (data/span_corruption.py), and so in the answer."""
+    from data.span_corruption import decode_with_sentinels, encode_with_sentinels
+
+    vocab = model.config.vocab_size
+    ids = encode_with_sentinels(tokenizer, args.prompt, vocab) + [tokenizer.eod_id]
+    generator = torch.Generator().manual_seed(args.seed)
+    out = model.generate(
+        torch.tensor([ids]), args.max_new_tokens, eos_id=tokenizer.eos_id, temperature=args.temperature,
+        top_p=args.top_p, generator=generator,
+    )
+    new = out[0, 1:].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    print(decode_with_sentinels(tokenizer, new, vocab))
     return 0
 
 

@@ -2,9 +2,10 @@
 (models/ffn/matformer, docs/matformer.md).
 
 - ``extract`` cuts every MatFormer layer to one width (``--granularity m``) or to one width per
-  layer (``--per-layer m1,m2,...``, Mix'n'Match) and writes a standalone dense checkpoint in our
-  format (``OUTPUT/checkpoints/step_N``: ``pretrain generate`` and ``export`` read it) and, when
-  every layer has the same width, a Hugging Face ``LlamaForCausalLM`` directory (``OUTPUT/hf``).
+  layer (``--per-layer m1,m2,...``, Mix'n'Match; decoders) and writes a standalone dense
+  checkpoint in our format (``OUTPUT/checkpoints/step_N``: ``pretrain generate`` and ``export``
+  read it) and, when every layer has the same width and the family has a Hugging Face adapter,
+  a Hugging Face directory (``OUTPUT/hf``, ``LlamaForCausalLM`` for a decoder).
 - ``sweep`` evaluates validation loss and parameter count of a list of Mix'n'Match choices — by
   default every uniform width and the paper's monotone choices (widths non-decreasing with depth)
   — and writes ``sweep.md``, ``sweep.json`` and ``sweep.png`` (loss vs parameters).
@@ -22,7 +23,7 @@ from models.configtree import to_dict
 from models.counting import param_counts
 from models.ffn.matformer import set_granularity
 from models.ffn.matformer.extract import extract_config, extract_state_dict, per_layer_widths
-from models.spec import LossSettings, build_model, hf_adapter
+from models.spec import LossSettings, build_model, get_spec, hf_adapter
 from pretrain.errors import CheckpointError
 from pretrain.generation import load_checkpoint_model
 
@@ -66,7 +67,7 @@ def extract_main(checkpoint, output, granularity: int | None = None, per_layer: 
         source = path.parent.parent / name
         if source.is_file():
             shutil.copyfile(source, output / name)
-    if len(set(widths)) == 1 and not config.layer_overrides:
+    if len(set(widths)) == 1 and not getattr(config, "layer_overrides", None) and get_spec(config).hf:
         adapter = hf_adapter(config)
         adapter.to_hf_model(dense).save_pretrained(output / "hf")
     return output
@@ -88,7 +89,6 @@ def sweep_main(checkpoint, output, choices: list[list[int]] | None = None, batch
     from data.loader import build_loader
     from models.configtree import from_dict
     from models.ffn.matformer.extract import matformer_layers
-    from models.spec import get_spec
     from pretrain.builtin_data import resolve_data
     from pretrain.config import Config
     from pretrain.distributed import DistInfo

@@ -13,6 +13,7 @@ parallelism, recomputation, FSDP2/DDP; ``ParallelRunner`` runs each step's forwa
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import time
@@ -26,6 +27,7 @@ import yaml
 from data.loader import build_loader
 from models.counting import mfu, training_flops_per_token
 from models.passes import PLAIN, eval_passes, train_passes
+from models.spec import get_spec
 from pretrain.banner import run_banner
 from pretrain.builtin_data import resolve_data
 from pretrain.checkpoint import CheckpointManager, seed_rng
@@ -104,16 +106,19 @@ class Trainer:
         self.schedulers = [build_scheduler(o, config.train.max_steps, config.schedule) for o in self.optimizers]
 
         dp, dp_rank = self.dims.dp, self.runner.dp_rank
+        family_task = get_spec(config.model).task
+        task = functools.partial(family_task, config.model) if family_task is not None else None
         self.train_loader = build_loader(
             self.data, "train", dp_rank=dp_rank, dp_size=dp, global_batch=config.train.global_batch,
             micro_batch=config.train.micro_batch, num_samples=config.train.max_steps * config.train.global_batch,
+            task=task,
         )
         self.valid_loader = None
         if config.train.eval_interval:
             eval_batch = config.train.micro_batch * dp
             self.valid_loader = build_loader(
                 self.data, "valid", dp_rank=dp_rank, dp_size=dp, global_batch=eval_batch,
-                micro_batch=config.train.micro_batch, num_samples=config.train.eval_batches * eval_batch,
+                micro_batch=config.train.micro_batch, num_samples=config.train.eval_batches * eval_batch, task=task,
             )
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", keep_last=config.checkpoint.keep_last, seed=config.run.seed
@@ -241,6 +246,10 @@ class Trainer:
         config = self.config
         stop = StopRequest().install()
         resumed_from = self.resume()
+        if resumed_from is None and config.init_from:
+            from pretrain.convert.init import load_initial_weights
+
+            resumed_from = f"{load_initial_weights(self.parts, config.init_from, self.run_dir)} (model.init_from, weights only)"
         self.log = MetricsLogger(
             self.run_dir, config.logging, config.train.max_steps, self.step, config.to_dict(),
             is_main=self.dist.is_main,

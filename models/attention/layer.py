@@ -25,6 +25,7 @@ from models.attention.spec import AttentionSpec
 from models.config import MixerConfig
 from models.context import ForwardContext
 from models.linear import Linear
+from models.norm import RMSNorm
 from models.plans import Colwise, Rowwise
 from models.rope import rotate_qk
 from models.spec import register_mixer
@@ -33,7 +34,9 @@ from models.spec import register_mixer
 @dataclass
 class AttentionConfig(MixerConfig):
     """``head_dim`` None: d_model / n_heads. ``window`` W: each query sees the W keys ending at
-    itself (None: all earlier keys). ``backend``: math | sdpa | flex | flash."""
+    itself (None: all earlier keys). ``backend``: math | sdpa | flex | flash. ``qk_norm_eps``: an
+RMSNorm with a learned gain over each head's query and key before RoPE (Qwen3, OLMoE), with
+this epsilon; None: none."""
 
     kind: str = "attention"
     n_heads: int = 8
@@ -41,6 +44,7 @@ class AttentionConfig(MixerConfig):
     head_dim: int | None = None
     window: int | None = None
     backend: str = "sdpa"
+    qk_norm_eps: float | None = None
 
     def resolved_head_dim(self, d_model: int) -> int:
         return self.head_dim or d_model // max(1, self.n_heads)
@@ -52,6 +56,8 @@ class AttentionConfig(MixerConfig):
                 errors.append(f"{prefix}.{name} must be a positive integer, got {getattr(self, name)}")
         if self.backend not in BACKENDS:
             errors.append(f"{prefix}.backend {self.backend!r} is unknown; choose one of {sorted(BACKENDS)}")
+        if self.qk_norm_eps is not None and self.qk_norm_eps <= 0:
+            errors.append(f"{prefix}.qk_norm_eps must be > 0 (or null for no query/key norm), got {self.qk_norm_eps}")
         if self.window is not None and self.window < 1:
             errors.append(f"{prefix}.window must be >= 1 (or null for full attention), got {self.window}")
         if errors:
@@ -77,6 +83,12 @@ class AttentionConfig(MixerConfig):
     def tp_sizes(self, prefix: str, d_model: int) -> dict[str, int]:
         return {f"{prefix}.n_heads": self.n_heads, f"{prefix}.n_kv_heads": self.n_kv_heads}
 
+    def decode_state_bytes(self, d_model: int, batch: int, length: int, element_bytes: int) -> int:
+        """K and V of every position (caches sized for ``length``), or of the last W − 1 with a
+        window W < length."""
+        per_position = 2 * self.n_kv_heads * self.resolved_head_dim(d_model) * element_bytes * batch
+        return per_position * (length if self.window is None or self.window >= length else self.window - 1)
+
 
 class Attention(nn.Module):
     kernel_slot = "rope"  # model.kernels.rope chooses ``kernel``, the RoPE implementation (models/kernels.py)
@@ -90,6 +102,7 @@ class Attention(nn.Module):
         backend: str,
         layer_id: int,
         window: int | None = None,
+        qk_norm_eps: float | None = None,
     ):
         super().__init__()
         self.head_dim = head_dim
@@ -102,6 +115,10 @@ class Attention(nn.Module):
         self.wk = Linear(d_model, n_kv_heads * head_dim)
         self.wv = Linear(d_model, n_kv_heads * head_dim)
         self.wo = Linear(n_heads * head_dim, d_model)
+        # Per-head query/key norms: no tensor-parallel plan (their gains would need gradients
+        # summed over the head shards), so tensor parallelism refuses them by name.
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
     @property
     def attention_key(self) -> tuple:
@@ -111,6 +128,9 @@ class Attention(nn.Module):
         for linear in (self.wq, self.wk, self.wv):
             nn.init.normal_(linear.weight, std=init_std)
         nn.init.normal_(self.wo.weight, std=out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
     def tp_plan(self) -> dict:
         return {"wq": Colwise(), "wk": Colwise(), "wv": Colwise(), "wo": Rowwise()}
@@ -134,6 +154,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = ctx.rope[self.head_dim]
         q, k = rotate_qk(q, k, cos, sin, self.kernel)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -164,7 +186,7 @@ def prepare_self_attention(
 def _build(config: AttentionConfig, d_model: int, layer_id: int) -> Attention:
     return Attention(
         d_model, config.n_heads, config.n_kv_heads, config.resolved_head_dim(d_model), config.backend, layer_id,
-        config.window,
+        config.window, config.qk_norm_eps,
     )
 
 

@@ -34,6 +34,7 @@ class DecoderConfig(ModelConfig):
     n_layers: int = 8
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_interpolation: float = 1.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -55,7 +56,7 @@ class DecoderConfig(ModelConfig):
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
             if getattr(self, name) <= 0:
                 errors.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("rope_theta", "norm_eps", "init_std"):
+        for name in ("rope_theta", "rope_interpolation", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 errors.append(f"model.{name} must be > 0, got {getattr(self, name)}")
         errors += self.kernels.problems()
@@ -95,15 +96,10 @@ class DecoderConfig(ModelConfig):
         return sizes
 
     def decode_cache_bytes(self, batch: int, length: int, element_bytes: int = 2) -> int:
-        """Bytes of the decode state after ``length`` positions (caches sized for ``length``):
-        per full-attention layer K and V for every position, per sliding-window layer (window
-        W < length) for the last W − 1."""
-        total = 0
-        for mixer in self.layers().mixers:
-            per_position = 2 * mixer.n_kv_heads * mixer.resolved_head_dim(self.d_model) * element_bytes * batch
-            window = mixer.window
-            total += per_position * (length if window is None or window >= length else window - 1)
-        return total
+        """Bytes of the decode state after ``length`` positions: each layer's mixer state
+        (``decode_state_bytes``: a full-attention layer's K and V for every position, a
+        sliding-window layer's for the last W − 1, a retention layer's constant state)."""
+        return sum(m.decode_state_bytes(self.d_model, batch, length, element_bytes) for m in self.layers().mixers)
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         return tied_pipeline_errors(self, pp)

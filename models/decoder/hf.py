@@ -38,18 +38,27 @@ RULES = [
 HEAD = TensorRule("head.weight", "lm_head.weight")
 
 
-def _rope_theta(hf) -> float:
-    """RoPE base of an HF config (transformers 5 ``rope_parameters`` or 4.x ``rope_theta``),
-    refusing any scaled RoPE."""
+def _rope(hf) -> tuple[float, float]:
+    """RoPE base and position-interpolation factor of an HF config (transformers 5
+    ``rope_parameters`` or 4.x ``rope_theta``/``rope_scaling``): plain or ``linear`` RoPE; any other
+    scaled RoPE is refused."""
     params = getattr(hf, "rope_parameters", None)
     if isinstance(params, dict):
         kind, theta = params.get("rope_type", "default"), params["rope_theta"]
     else:
-        scaling = getattr(hf, "rope_scaling", None) or {}
-        kind, theta = scaling.get("rope_type", scaling.get("type", "default")), hf.rope_theta
-    if kind != "default":
-        raise ValueError(f"RoPE scaling {kind!r} is not implemented by our decoder; only plain RoPE converts")
-    return float(theta)
+        params = getattr(hf, "rope_scaling", None) or {}
+        kind, theta = params.get("rope_type", params.get("type", "default")), hf.rope_theta
+    if kind not in ("default", "linear"):
+        raise ValueError(f"RoPE scaling {kind!r} is not implemented by our decoder; plain and linear RoPE convert")
+    return float(theta), float(params["factor"]) if kind == "linear" else 1.0
+
+
+def _rope_fields(config) -> dict:
+    """LlamaConfig's RoPE arguments: position interpolation is its ``linear`` RoPE type."""
+    if config.rope_interpolation == 1.0:
+        return {"rope_theta": config.rope_theta}
+    factor = config.rope_interpolation
+    return {"rope_parameters": {"rope_type": "linear", "factor": factor, "rope_theta": config.rope_theta}}
 
 
 class LlamaAdapter(HFAdapter):
@@ -63,6 +72,8 @@ class LlamaAdapter(HFAdapter):
             return "per-layer overrides (Llama blocks are all alike)"
         if not isinstance(config.mixer, AttentionConfig) or config.mixer.window is not None:
             return "a mixer other than full attention"
+        if config.mixer.qk_norm_eps is not None:
+            return "query/key norms (mixer.qk_norm_eps)"
         if not isinstance(config.ffn, SwiGLUConfig):
             return f"ffn kind {config.ffn.kind!r} (Llama's is swiglu)"
         return None
@@ -88,7 +99,7 @@ class LlamaAdapter(HFAdapter):
             max_position_embeddings=config.max_seq_len,
             initializer_range=config.init_std,
             rms_norm_eps=config.norm_eps,
-            rope_theta=config.rope_theta,
+            **_rope_fields(config),
             tie_word_embeddings=config.tie_embeddings,
             attention_bias=False,
             mlp_bias=False,
@@ -110,7 +121,8 @@ class LlamaAdapter(HFAdapter):
             d_model=hf.hidden_size,
             n_layers=hf.num_hidden_layers,
             max_seq_len=hf.max_position_embeddings,
-            rope_theta=_rope_theta(hf),
+            rope_theta=_rope(hf)[0],
+            rope_interpolation=_rope(hf)[1],
             norm_eps=hf.rms_norm_eps,
             tie_embeddings=bool(hf.tie_word_embeddings),
             init_std=hf.initializer_range,

@@ -129,7 +129,10 @@ class Decoder(nn.Module):
         mixers = [block.mixer for block in self.layers.values()]
         head_dims = {m.head_dim for m in mixers if hasattr(m, "head_dim")}
         ctx = ForwardContext(
-            rope={d: rope_tables(position_ids, d, self.config.rope_theta, h.dtype) for d in head_dims},
+            rope={
+                d: rope_tables(position_ids, d, self.config.rope_theta, h.dtype, self.config.rope_interpolation)
+                for d in head_dims
+            },
             attention=prepare_self_attention(mixers, seq, past, doc_ids, h.device),
             segments=doc_ids,
             state=state,

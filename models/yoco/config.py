@@ -32,8 +32,8 @@ class CrossAttentionConfig:
 @dataclass
 class YocoConfig(ModelConfig):
     """``n_layers`` blocks: the first ``self_layers`` (default half) form the self-decoder
-    (``mixer``: sliding-window attention), the rest the cross-decoder (``cross``), all with
-    ``ffn``."""
+    (``mixer``: sliding-window attention, or gated retention with ``kind: retention``), the rest
+    the cross-decoder (``cross``), all with ``ffn``."""
 
     family: str = "yoco"
     vocab_size: int = 4096
@@ -42,6 +42,7 @@ class YocoConfig(ModelConfig):
     self_layers: int | None = None
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_interpolation: float = 1.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -68,6 +69,8 @@ class YocoConfig(ModelConfig):
         for name in ("vocab_size", "d_model", "n_layers", "max_seq_len"):
             if getattr(self, name) <= 0:
                 errors.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.rope_interpolation > 0:
+            errors.append(f"model.rope_interpolation must be > 0 (1: plain RoPE), got {self.rope_interpolation}")
         if errors:
             return errors
         if not 1 <= self.n_self < self.n_layers:
@@ -75,8 +78,6 @@ class YocoConfig(ModelConfig):
                 f"model.self_layers ({self.n_self}) must leave at least one block to each half of the "
                 f"{self.n_layers} blocks; e.g. self_layers={self.n_layers // 2}"
             )
-        if not isinstance(self.mixer, AttentionConfig):
-            errors.append(f"model.mixer.kind {self.mixer.kind!r}: the self-decoder takes attention (with a window)")
         errors += self.mixer.problems("model.mixer", self.d_model)
         errors += self.cross.problems("model.cross", self.d_model)
         errors += self.ffn.problems("model.ffn", self.d_model)
@@ -91,15 +92,12 @@ class YocoConfig(ModelConfig):
         return sizes
 
     def decode_cache_bytes(self, batch: int, length: int, element_bytes: int = 2) -> int:
-        """Bytes of the decode state after ``length`` positions (caches sized for ``length``):
-        the one global K,V for every position, plus per self-decoder layer K and V of the last
-        W − 1 positions (all of them without a window, or a window ≥ length)."""
+        """Bytes of the decode state after ``length`` positions: the one global K,V for every
+        position (sized for ``length``), plus each self-decoder layer's mixer state (a window
+        layer's K and V of the last W − 1 positions, a retention layer's constant state)."""
         head_dim = self.d_model // self.cross.n_heads
         total = 2 * self.cross.n_kv_heads * head_dim * element_bytes * batch * length
-        mixer = self.mixer
-        per_position = 2 * mixer.n_kv_heads * mixer.resolved_head_dim(self.d_model) * element_bytes * batch
-        kept = length if mixer.window is None or mixer.window >= length else mixer.window - 1
-        return total + self.n_self * per_position * kept
+        return total + self.n_self * self.mixer.decode_state_bytes(self.d_model, batch, length, element_bytes)
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         return tied_pipeline_errors(self, pp)

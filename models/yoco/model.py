@@ -10,10 +10,11 @@ The global K,V: K = RoPE(RMSNorm(X)·W_K), V = RMSNorm(X)·W_V from the self-dec
 with GQA heads (``cross.n_kv_heads``); the cross-decoder's residual stream starts at X and each
 cross block attends causally (document-masked) to K,V with its own queries.
 
-Generation (``state``): the self-decoder keeps a window cache per layer (constant size), the
-model one growing cache of the global K,V. A forward with a state that starts at position 0
-(the prefill) runs the cross-decoder for the last position only — early exit: the prompt's
-other positions need only the self-decoder and the K,V projection — and returns [B, 1, vocab].
+Generation (``state``): the self-decoder keeps a constant-size state per layer (a window cache
+or a retention state), the model one growing cache of the global K,V. A forward that feeds a
+prompt chunk (``state.prefill``) runs the cross-decoder for the chunk's last position only —
+early exit: the prompt's other positions need only the self-decoder and the K,V projection —
+and returns [B, 1, vocab].
 """
 
 from __future__ import annotations
@@ -187,9 +188,10 @@ class Yoco(nn.Module):
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
     ):
-        """Logits [B, S, vocab] (a prefill with a state: [B, 1, vocab], see the module doc); with
-        ``labels`` (and ``loss_mask``) [B, S] and a fused loss head (``model.kernels.loss``),
-        per-token loss contributions [B, S, 3] instead (models/fused_loss.py).
+        """Logits [B, S, vocab] (a prompt chunk with ``state.prefill``: [B, 1, vocab], see the
+        module doc); with ``labels`` (and ``loss_mask``) [B, S] and a fused loss head
+        (``model.kernels.loss``), per-token loss contributions [B, S, 3] instead
+        (models/fused_loss.py).
 
         A pipeline stage (modules of other stages removed) takes what the previous one returned:
         hidden states [B, S, d] while inside the self-decoder, then (hidden, K, V); it returns
@@ -200,7 +202,8 @@ class Yoco(nn.Module):
         past, position_ids = forward_positions(h, self.config.max_seq_len, position_ids, doc_ids, state)
         mixers = [block.mixer for block in self.self_layers.values()]
         head_dims = {m.head_dim for m in mixers} | {self.head_dim}
-        rope = {d: rope_tables(position_ids, d, self.config.rope_theta, h.dtype) for d in head_dims}
+        theta, interpolation = self.config.rope_theta, self.config.rope_interpolation
+        rope = {d: rope_tables(position_ids, d, theta, h.dtype, interpolation) for d in head_dims}
         ctx = ForwardContext(
             rope=rope, attention=prepare_self_attention(mixers, seq, past, doc_ids, h.device), segments=doc_ids,
             state=state, token_ids=token_ids if token_ids is not None or self.embed is None else input_ids,
@@ -214,7 +217,7 @@ class Yoco(nn.Module):
                 state.advance(seq)
         if k is None:  # a stage that ends inside the self-decoder
             return h
-        if state is not None and past == 0 and seq > 1:  # prefill: early exit for all but the last
+        if state is not None and state.prefill:  # early exit for all but the chunk's last position
             h = h[:, -1:]
             rope = {d: (cos[:, -1:], sin[:, -1:]) for d, (cos, sin) in rope.items()}
             if ctx.token_ids is not None:

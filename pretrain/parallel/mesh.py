@@ -1,7 +1,7 @@
 """The device mesh: ParallelConfig resolved against the world size, checked, then built.
 
 Mesh dimensions are declared once, in ``MESH_DIMS`` (outermost first: ``pp``, ``dp_replicate``,
-``dp_shard``, ``tp``; tensor parallelism innermost, so its frequent collectives stay between
+``dp_shard``, ``cp``, ``tp``; tensor parallelism innermost, so its frequent collectives stay between
 neighbouring ranks of one node), and the flattened views in ``FLATTENED``: ``dp`` =
 ``dp_replicate × dp_shard``, the data-parallel coordinates that cut the global batch and
 normalise the loss. A new dimension (context or expert parallelism) is an entry in each table
@@ -22,8 +22,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from pretrain.parallel.config import ParallelConfig
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 FLATTENED = {"dp": ("dp_replicate", "dp_shard")}
+# Context parallelism: parameters are sharded over dp_shard × cp, the loss reduced over dp × cp.
+FLATTENED.update(dp_shard_cp=("dp_shard", "cp"), dp_cp=("dp_replicate", "dp_shard", "cp"))
 
 
 class LayoutError(ValueError):
@@ -40,19 +42,21 @@ class ParallelDims:
     tp: int
     sp: bool
     world: int
+    cp: int = 1
 
     @classmethod
     def resolve(cls, parallel: ParallelConfig, world: int | None) -> ParallelDims:
         """``world`` None (not known yet): ``dp_shard=-1`` counts as 1."""
         dp_shard = parallel.dp_shard
-        others = parallel.pp * parallel.dp_replicate * parallel.tp
+        others = parallel.pp * parallel.dp_replicate * parallel.tp * parallel.cp
         if dp_shard == -1 and world is None:
             dp_shard = 1
         elif dp_shard == -1:
             dp_shard = world // others if others > 0 and world % others == 0 else 0
         if world is None:
             world = others * dp_shard
-        return cls(parallel.pp, parallel.dp_replicate, dp_shard, parallel.tp, parallel.sp and parallel.tp > 1, world)
+        sp = parallel.sp and parallel.tp > 1
+        return cls(parallel.pp, parallel.dp_replicate, dp_shard, parallel.tp, sp, world, parallel.cp)
 
     @property
     def dp(self) -> int:
@@ -66,7 +70,7 @@ class ParallelDims:
     def fsdp(self) -> bool:
         """Parameters are sharded (FSDP2), or replicated by FSDP2 because DDP cannot hold
         DTensor or pipeline-stage parameters alongside TP/PP."""
-        return self.dp_shard > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
+        return self.dp_shard > 1 or self.cp > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
 
     @property
     def ddp(self) -> bool:
@@ -113,10 +117,10 @@ def layout_errors(
     dims = ParallelDims.resolve(parallel, world)
     product = math.prod(dims.shape)
     if world is not None and parallel.dp_shard == -1 and dims.dp_shard < 1:
-        others = parallel.pp * parallel.dp_replicate * parallel.tp
+        others = parallel.pp * parallel.dp_replicate * parallel.tp * parallel.cp
         errors.append(
-            f"{world} rank(s) cannot be split into parallel.pp x dp_replicate x tp = {parallel.pp} x "
-            f"{parallel.dp_replicate} x {parallel.tp} = {others} times a data-parallel degree (dp_shard=-1); "
+            f"{world} rank(s) cannot be split into parallel.pp x dp_replicate x tp x cp = {parallel.pp} x "
+            f"{parallel.dp_replicate} x {parallel.tp} x {parallel.cp} = {others} times a data-parallel degree (dp_shard=-1); "
             f"launch a multiple of {others} ranks or lower those degrees"
         )
     elif world is not None and product != world:
@@ -136,8 +140,17 @@ def layout_errors(
                 "parallelism (parallel.sp=true)"
             )
     errors.extend(_pipeline_errors(parallel, model))
+    errors.extend(_context_errors(parallel, model, seq_len))
     if dims.dp >= 1 and micro_batch >= 1:  # otherwise reported above, or by the train section
         errors.extend(_batch_errors(parallel, dims.dp, global_batch, micro_batch))
+    shard_known = world is not None or parallel.dp_shard != -1
+    borrowed = dims.dp_shard * dims.cp  # ep is cut from dp_shard (x cp: those ranks hold other tokens too)
+    if parallel.ep > 1 and shard_known and dims.dp_shard >= 1 and borrowed % parallel.ep:
+        within = "parallel.dp_shard" + (f" x parallel.cp ({dims.dp_shard} x {dims.cp})" if dims.cp > 1 else "")
+        errors.append(
+            f"parallel.ep ({parallel.ep}) must divide {within} ({borrowed}): expert parallelism "
+            "borrows data-parallel ranks; launch more ranks or lower ep"
+        )
     return dims, errors
 
 
@@ -162,6 +175,32 @@ def _batch_errors(parallel: ParallelConfig, dp: int, global_batch: int, micro_ba
             f"{max(per_step, global_batch // per_step * per_step)}"
         ]
     return microbatch_errors(parallel, global_batch // per_step)
+
+
+def _context_errors(parallel: ParallelConfig, model, seq_len: int) -> list[str]:
+    """Context parallelism: zigzag chunks of equal length, and heads for the all-to-all."""
+    cp = parallel.cp
+    if cp <= 1:
+        return []
+    errors = []
+    if seq_len % (2 * cp):
+        errors.append(
+            f"data.seq_len ({seq_len}) must be divisible by 2 x parallel.cp = {2 * cp} (each cp rank holds two "
+            f"zigzag chunks); e.g. data.seq_len={max(2 * cp, seq_len // (2 * cp) * 2 * cp)}"
+        )
+    elif parallel.tp > 1 and parallel.sp and (seq_len // cp) % parallel.tp:
+        errors.append(
+            f"data.seq_len / parallel.cp ({seq_len // cp}) must be divisible by parallel.tp ({parallel.tp}) with "
+            "sequence parallelism; change data.seq_len or set parallel.sp=false"
+        )
+    if parallel.cp_mode == "alltoall":
+        for name, value in model.tp_sizes().items():
+            if name.endswith("heads") and value % (parallel.tp * cp):
+                errors.append(
+                    f"{name} ({value}) must be divisible by parallel.tp x parallel.cp = {parallel.tp * cp} for "
+                    "parallel.cp_mode=alltoall (heads are split over cp); use parallel.cp_mode=ring"
+                )
+    return errors
 
 
 def _pipeline_errors(parallel: ParallelConfig, model) -> list[str]:

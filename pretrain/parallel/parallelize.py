@@ -21,10 +21,12 @@ from models.spec import ModelSpec, build_model, get_spec
 from pretrain.names import clean_key
 from pretrain.parallel.compile import apply_compile
 from pretrain.parallel.config import ParallelConfig
+from pretrain.parallel.context.apply import apply_cp
 from pretrain.parallel.fsdp import apply_fsdp
-from pretrain.parallel.mesh import ParallelDims
+from pretrain.parallel.mesh import ParallelDims, flattened
 from pretrain.parallel.pipeline import local_stage_ids, shard_boundaries, split_stage, stage_layer_counts
 from pretrain.parallel.recompute import apply_ac
+from pretrain.parallel.ep import apply_ep, expert_meshes, shard_experts
 from pretrain.parallel.tp import apply_tp
 
 
@@ -49,8 +51,13 @@ class ModelParts:
 
 
 def fsdp_mesh(dims: ParallelDims, mesh: DeviceMesh) -> DeviceMesh:
-    """FSDP over ``dp_shard``, or HSDP over (``dp_replicate``, ``dp_shard``)."""
-    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    """FSDP over ``dp_shard``, or HSDP over (``dp_replicate``, ``dp_shard``); with context
+    parallelism the shard dimension is ``dp_shard`` × ``cp``."""
+    shard = "dp_shard"
+    if dims.cp > 1:
+        shard = "dp_shard_cp"
+        flattened(mesh, shard)
+    return mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
 
 
 def build_parts(
@@ -77,14 +84,22 @@ def build_parts(
         parts = [split_stage(model, s, counts) for s in stage_ids]
     else:
         stage_ids, parts = [0], [model]
+    ep = parallel.ep
+    experts_placed, experts_fsdp = expert_meshes(dims, ep, mesh) if ep > 1 else (None, None)
     for part, stage in zip(parts, stage_ids):
+        if ep > 1:
+            apply_ep(part, experts_placed, ep)
         if dims.tp > 1:
             apply_tp(part, mesh["tp"], dims.sp)
             if dims.sp and dims.pp > 1:
                 shard_boundaries(part, mesh["tp"], first=stage == 0, last=stage == n_stages - 1)
+        if dims.cp > 1:
+            apply_cp(part, mesh["cp"], parallel.cp_mode)
         apply_ac(part, recompute, recompute_every, block_order=block_order)
         if parallel.compile:
             apply_compile(part, parallel.compile_backend)
+        if ep > 1:
+            shard_experts(part, experts_fsdp, param_dtype, reshard_after_forward=dims.pp == 1)
         if dims.fsdp:
             apply_fsdp(part, fsdp_mesh(dims, mesh), param_dtype, reshard_after_forward=dims.pp == 1)
     for part in parts:
@@ -126,8 +141,8 @@ def _init_sharded(parts: list[nn.Module], dims: ParallelDims, mesh: DeviceMesh |
     shards differ, and replicas (dp_replicate) initialise alike."""
     offset = 0
     if mesh is not None:
-        pp, shard, tp = (mesh[name].get_local_rank() for name in ("pp", "dp_shard", "tp"))
-        offset = (pp * dims.dp_shard + shard) * dims.tp + tp
+        pp, shard, cp, tp = (mesh[name].get_local_rank() for name in ("pp", "dp_shard", "cp", "tp"))
+        offset = ((pp * dims.dp_shard + shard) * dims.cp + cp) * dims.tp + tp
     torch.manual_seed(seed + offset)
     for part in parts:
         part.init_weights()

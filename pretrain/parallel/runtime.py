@@ -8,7 +8,8 @@ global batch. Without pipeline parallelism the micro-batches run one after anoth
 synchronises only on the last); with it, the step's micro-batches go through the pipeline
 schedule in one call, the last stage computing the loss. Loss values are reduced over the
 data-parallel and pipeline groups only, never over tensor-parallel ranks (which hold the same
-loss).
+loss). Under context parallelism each rank runs its zigzag chunks of every sequence (``local``)
+and "data-parallel" reductions span dp × cp.
 
 A step may run several passes over the same micro-batches (models/passes.py: MatFormer's joint
 training runs one per nested width): each pass's loss is scaled by its weight before backward,
@@ -40,8 +41,9 @@ from models.passes import PLAIN, Pass, select_pass
 from models.spec import LossSettings
 from pretrain.names import clean_key
 from pretrain.parallel.clip import clip_grad_norm_
+from pretrain.parallel.context.zigzag import shard_sequence
 from pretrain.parallel.fsdp import apply_ddp
-from pretrain.parallel.mesh import ParallelDims, dp_mesh
+from pretrain.parallel.mesh import ParallelDims, dp_mesh, flattened
 from pretrain.parallel.parallelize import ModelParts
 from pretrain.parallel.pipeline import build_schedule
 
@@ -95,6 +97,11 @@ class ParallelRunner:
         fused = any(getattr(part, "fused_loss", False) for part in self.parts)
         self.settings = LossSettings(z_loss=z_loss, fused_head=fused)
         self.dp_group = dp_mesh(mesh).get_group() if mesh is not None and dims.dp > 1 else None
+        # Context parallelism: each rank holds a part of every sequence; loss terms, token counts
+        # and module statistics are summed over dp × cp as over data-parallel ranks alone.
+        self.cp_rank = mesh["cp"].get_local_rank() if mesh is not None and dims.cp > 1 else 0
+        if dims.cp > 1:
+            self.dp_group = flattened(mesh, "dp_cp").get_group()
         self.pp_group = mesh["pp"].get_group() if mesh is not None and dims.pp > 1 else None
         self.ddp = apply_ddp(self.parts[0], dp_mesh(mesh)) if dims.ddp else None
         self.normalizer = 1.0
@@ -105,7 +112,7 @@ class ParallelRunner:
         self.hooked = self._hooked_modules()
         for _, module in self.hooked:
             if hasattr(module, "aux_loss_scale"):
-                module.aux_loss_scale = 1.0 / (n_microbatches * dims.dp)
+                module.aux_loss_scale = 1.0 / (n_microbatches * dims.dp * dims.cp)  # cp: chunks of a sequence
             if hasattr(module, "loss_settings"):
                 module.loss_settings = self.settings
         self.schedule = None
@@ -139,7 +146,12 @@ class ParallelRunner:
 
     @property
     def dp_rank(self) -> int:
-        return dp_mesh(self.mesh).get_local_rank() if self.dp_group is not None else 0
+        return dp_mesh(self.mesh).get_local_rank() if self.mesh is not None and self.dims.dp > 1 else 0
+
+    def local(self, batch: dict) -> dict:
+        """This rank's part of a data-parallel rank's micro-batch: its zigzag chunks of every
+        sequence under context parallelism (pretrain/parallel/context/zigzag.py), else all."""
+        return shard_sequence(batch, self.dims.cp, self.cp_rank) if self.dims.cp > 1 else batch
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
@@ -150,7 +162,7 @@ class ParallelRunner:
 
     def loss_tokens(self, micro_batches: list[dict]) -> torch.Tensor:
         """Loss-bearing tokens of this rank's micro-batches (float64)."""
-        return sum(self.spec.loss_tokens(b) for b in micro_batches).to(torch.float64)
+        return sum(self.spec.loss_tokens(self.local(b)) for b in micro_batches).to(torch.float64)
 
     def _loss(self, output, targets: dict) -> torch.Tensor:
         loss, metrics = self.spec.loss(output, targets, self.normalizer, self.settings)
@@ -207,6 +219,7 @@ class ParallelRunner:
         for i, batch in enumerate(micro_batches):
             last = last_pass and i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+            batch = self.local(batch)
             args, kwargs = self.spec.inputs(batch)
             with sync, self._context():
                 loss = self._loss(model(*args, **kwargs), self.spec.targets(batch))
@@ -215,6 +228,7 @@ class ParallelRunner:
         return total
 
     def _pipeline_step(self, micro_batches: list[dict], train: bool) -> torch.Tensor:
+        micro_batches = [self.local(mb) for mb in micro_batches]
         batch = {key: torch.cat([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
         args, kwargs = self.spec.inputs(batch)
         args = args if self.model.has_first else ()
@@ -239,6 +253,7 @@ class ParallelRunner:
             return self._pipeline_step(micro_batches, train=False)
         total = self._zero()
         for batch in micro_batches:
+            batch = self.local(batch)
             args, kwargs = self.spec.inputs(batch)
             with self._context():
                 total += self._loss(self.parts[0](*args, **kwargs), self.spec.targets(batch)).to(torch.float64)

@@ -115,7 +115,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     shared = _shared_parameters(model)
     for name, module in list(model.named_modules()):
         plan = getattr(module, "tp_plan", None)
-        if plan is None:
+        if plan is None or _placed_already(module):
             continue
         present = {rel: style(entry, sp) for rel, entry in plan().items() if _present(module, rel)}
         itself = present.pop("", None)
@@ -136,6 +136,13 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
             if model.get_parameter(name).placements != source.placements:
                 raise ValueError(f"{name} and {group[0]} share a parameter but are sharded differently")
             _set_parameter(model, name, source)
+
+
+def _placed_already(module: nn.Module) -> bool:
+    """A module whose own parameters another dimension has made DTensors (expert parallelism's
+    experts, placed over ``ep`` × ``tp``): tensor parallelism leaves it as it is."""
+    own = list(module.parameters(recurse=False))
+    return bool(own) and all(isinstance(p, DTensor) for p in own)
 
 
 def _present(module: nn.Module, relative: str) -> bool:

@@ -51,11 +51,11 @@ def test_validate_lists_every_problem_at_once():
     "section,message",
     [
         ({"family": "t9"}, r"^'model.family' 't9' is unknown; choose one of \[.*'decoder'.*\]$"),
-        ({"mixer": {"kind": "retention"}}, r"^'model.mixer.kind' 'retention' is unknown; choose one of \[.*'attention'.*\]$"),
+        ({"mixer": {"kind": "mamba"}}, r"^'model.mixer.kind' 'mamba' is unknown; choose one of \[.*'attention'.*'retention'.*\]$"),
         ({"ffn": "moe_xl"}, r"^'model.ffn.kind' 'moe_xl' is unknown; choose one of \[.*'swiglu'.*\]$"),
         ({"ffn": {"d_ff": 64}}, r"^'model.ffn.kind' needs a 'kind'; choose one of"),
         ({"ffn": {"kind": "swiglu", "n_heads": 4}}, r"^'model.ffn.n_heads' is not a field of model.ffn kind 'swiglu'; its fields are kind, d_ff$"),
-        ({"mixer": {"kind": "attention", "d_ff": 4}}, r"^'model.mixer.d_ff' is not a field of model.mixer kind 'attention'; its fields are kind, n_heads, n_kv_heads, head_dim, window, backend$"),
+        ({"mixer": {"kind": "attention", "d_ff": 4}}, r"^'model.mixer.d_ff' is not a field of model.mixer kind 'attention'; its fields are kind, n_heads, n_kv_heads, head_dim, window, backend, qk_norm_eps$"),
         ({"n_heads": 8}, r"^'model.n_heads' has moved: it is now 'model.mixer.n_heads'$"),
         ({"d_ff": 8}, r"^'model.d_ff' has moved: it is now 'model.ffn.d_ff'$"),
         ({"attention_backend": "flex"}, r"^'model.attention_backend' has moved: it is now 'model.mixer.backend'$"),

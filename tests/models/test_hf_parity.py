@@ -92,8 +92,8 @@ def test_config_round_trip():
 
 def test_unsupported_hf_configs_are_refused():
     base = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
-    scaled = LlamaConfig(**base, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    with pytest.raises(ValueError, match="RoPE scaling 'linear' is not implemented"):
+    scaled = LlamaConfig(**base, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(ValueError, match="RoPE scaling 'dynamic' is not implemented"):
         from_hf_config(scaled)
     with pytest.raises(ValueError, match="biases"):
         from_hf_config(LlamaConfig(**base, attention_bias=True))
@@ -135,3 +135,26 @@ def test_preset_parameter_count_equals_transformers_llama(preset):
     with torch.device("meta"):
         hf = LlamaForCausalLM(to_hf_config(config))
     assert sum(p.numel() for p in hf.parameters()) == param_counts(config).total
+
+
+@pytest.mark.parametrize("factor", [2.0, 4.0])
+def test_position_interpolation_is_hf_linear_rope(factor):
+    """``model.rope_interpolation`` s is transformers' linear RoPE scaling with factor s: the
+    config converts both ways and the logits agree at positions beyond the unscaled range."""
+    torch.manual_seed(3)
+    config = _config(4, 2, False, 257, rope_theta=500000.0, rope_interpolation=factor, max_seq_len=256)
+    model = build_model(config).eval()
+    _perturb_norms(model)
+    hf = to_hf_model(model)
+    assert hf.config.rope_parameters["rope_type"] == "linear" and hf.config.rope_parameters["factor"] == factor
+    assert from_hf_config(hf.config) == config
+    tokens = torch.randint(0, 257, (2, 19))
+    positions = torch.arange(19).expand(2, 19) + torch.tensor([[0], [200]])
+    with torch.no_grad():
+        ours = model(tokens, position_ids=positions)
+        theirs = hf(tokens, position_ids=positions).logits
+        plain = build_model(_config(4, 2, False, 257, rope_theta=500000.0, max_seq_len=256))
+        plain.load_state_dict(model.state_dict())
+        unscaled = plain(tokens, position_ids=positions)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, unscaled, atol=1e-3)  # the factor changes the model

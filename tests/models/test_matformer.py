@@ -136,3 +136,22 @@ def test_validation_errors_name_the_field():
     assert "is not divisible by tp_interleave=3" in text
     with pytest.raises(ValueError, match="width 48 is not one of its granularities"):
         per_layer_widths(config(), per_layer=[16, 48, 64])
+
+
+def test_a_yoco_with_matformer_ffns_extracts_one_width_exactly():
+    """YOCO has one FFN config for every block: a uniform width extracts to a dense YOCO equal to
+    the narrowed model; per-layer mixes are refused with the way out."""
+    from models.yoco import CrossAttentionConfig, YocoConfig
+
+    yoco = YocoConfig(
+        vocab_size=97, d_model=32, n_layers=4, max_seq_len=16, mixer=AttentionConfig(n_heads=4, n_kv_heads=2, window=4),
+        cross=CrossAttentionConfig(n_heads=4, n_kv_heads=2), ffn=MatFormerConfig(d_ff=128, granularities=GRANULARITIES),
+    )
+    matformer = model_of(yoco)
+    for width in (32, 64):
+        dense = build_model(extract_config(yoco, [width] * 4)).eval()
+        dense.load_state_dict(extract_state_dict(matformer, [width] * 4))
+        set_granularity(matformer, width)
+        assert torch.equal(matformer(tokens()), dense(tokens()))
+    with pytest.raises(ValueError, match="one width for all layers"):
+        extract_config(yoco, [16, 32, 64, 128])

@@ -113,12 +113,15 @@ def test_prefill_with_early_exit_chunks_and_decode_equal_the_full_forward():
     with torch.no_grad():
         full = model(ids)
         state = model.new_decode_state(2, 20, torch.float32, "cpu")
-        prefill = model(ids[:, :9], state=state)
-        assert prefill.shape == (2, 1, 97)  # early exit: the last position only
-        torch.testing.assert_close(prefill[:, 0], full[:, 8], rtol=0, atol=1e-5)
-        chunk = model(ids[:, 9:13], state=state)  # a later chunk: every position
-        torch.testing.assert_close(chunk, full[:, 9:13], rtol=0, atol=1e-5)
-        for t in range(13, 20):
+        state.prefill = True
+        for start, end in ((0, 9), (9, 13)):  # prompt chunks: early exit, the last position only
+            prefill = model(ids[:, start:end], state=state)
+            assert prefill.shape == (2, 1, 97)
+            torch.testing.assert_close(prefill[:, 0], full[:, end - 1], rtol=0, atol=1e-5)
+        state.prefill = False
+        several = model(ids[:, 13:16], state=state)  # not a prompt (speculative verification): every position
+        torch.testing.assert_close(several, full[:, 13:16], rtol=0, atol=1e-5)
+        for t in range(16, 20):
             torch.testing.assert_close(model(ids[:, t : t + 1], state=state)[:, 0], full[:, t], rtol=0, atol=1e-5)
 
 
@@ -210,6 +213,8 @@ def test_other_ffn_kinds_compose_and_decode_like_the_full_forward(ffn):
     with torch.no_grad():
         full = model(ids)
         state = model.new_decode_state(2, 12, torch.float32, "cpu")
+        state.prefill = True
         torch.testing.assert_close(model(ids[:, :8], state=state)[:, 0], full[:, 7], rtol=0, atol=1e-5)
+        state.prefill = False
         for t in range(8, 12):
             torch.testing.assert_close(model(ids[:, t : t + 1], state=state)[:, 0], full[:, t], rtol=0, atol=1e-5)

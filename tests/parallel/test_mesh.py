@@ -43,8 +43,8 @@ def test_data_parallel_flavour(fields, fsdp, ddp):
 @pytest.mark.parametrize(
     "world, fields, kwargs, message",
     [
-        (8, dict(tp=3), {}, "8 rank(s) cannot be split into parallel.pp x dp_replicate x tp = 1 x 1 x 3 = 3 times"),
-        (4, dict(dp_shard=3), {}, "parallel.pp x dp_replicate x dp_shard x tp = 1 x 1 x 3 x 1 = 3; the product must"),
+        (8, dict(tp=3), {}, "8 rank(s) cannot be split into parallel.pp x dp_replicate x tp x cp = 1 x 1 x 3 x 1 = 3 times"),
+        (4, dict(dp_shard=3), {}, "parallel.pp x dp_replicate x dp_shard x cp x tp = 1 x 1 x 3 x 1 x 1 = 3; the product must"),
         (2, dict(tp=2), dict(model=dataclasses.replace(TINY, vocab_size=255)), "model.vocab_size (255) must be"),
         (8, dict(tp=8), {}, "model.mixer.n_kv_heads (2) must be divisible by parallel.tp (8)"),
         (2, dict(tp=2), dict(seq_len=33), "data.seq_len (33) must be divisible by parallel.tp (2)"),

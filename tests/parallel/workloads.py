@@ -90,7 +90,7 @@ def decoder_loss(model, mb: dict, tokens: float, share: float) -> tuple[torch.Te
 
 
 def reference_run(
-    steps: int, micro: int, model_config=TINY, step_loss=decoder_loss
+    steps: int, micro: int, model_config=TINY, step_loss=decoder_loss, batches=global_batch
 ) -> list[tuple[float, float]]:
     """(loss, grad norm) per step of one process training the whole global batch in
     micro-batches, with ``step_loss`` and a plain fp64 clipping rule only."""
@@ -102,7 +102,7 @@ def reference_run(
     optimizer = build_optimizer(model, OPTIM)
     history = []
     for step in range(steps):
-        batch = global_batch(step)
+        batch = batches(step)
         tokens = float(batch["loss_mask"].sum())
         total = 0.0
         for start in range(0, GLOBAL_BATCH, micro):
@@ -127,8 +127,9 @@ class ParallelTraining:
         recompute: str = "none",
         every: int = 1,
         model_config=TINY,
+        batches=global_batch,
     ):
-        self.model_config = model_config
+        self.model_config, self.batches = model_config, batches
         dims = check_layout(parallel, model_config, world, global_batch=GLOBAL_BATCH, micro_batch=micro, seq_len=SEQ)
         self.mesh = build_mesh(dims, "cpu")
         self.dims, self.micro = dims, micro
@@ -143,7 +144,7 @@ class ParallelTraining:
         self.optimizers = [build_optimizer(part, OPTIM) for part in self.parts.parts]
 
     def local_micro_batches(self, step: int) -> tuple[list[dict], float]:
-        batch = global_batch(step)
+        batch = self.batches(step)
         per_rank = GLOBAL_BATCH // self.dims.dp
         mine = cut(batch, self.runner.dp_rank * per_rank, per_rank)
         return [cut(mine, i, self.micro) for i in range(0, per_rank, self.micro)], float(batch["loss_mask"].sum())
@@ -161,11 +162,15 @@ class ParallelTraining:
         return float(loss), norm
 
 
-def train_layouts(rank: int, world: int, layouts: dict[str, tuple], steps: int, model_config=TINY) -> dict:
+def train_layouts(
+    rank: int, world: int, layouts: dict[str, tuple], steps: int, model_config=TINY, batches=global_batch
+) -> dict:
     """Train each named layout — (ParallelConfig fields, micro-batch[, recompute mode[, every]])
-    — for ``steps`` steps."""
+    — for ``steps`` steps on ``batches(step)`` (default: packed GPT rows)."""
     results = {}
     for name, (fields, micro, *recompute) in layouts.items():
-        training = ParallelTraining(world, ParallelConfig(**fields), micro, *recompute, model_config=model_config)
+        training = ParallelTraining(
+            world, ParallelConfig(**fields), micro, *recompute, model_config=model_config, batches=batches
+        )
         results[name] = [training.step(step) for step in range(steps)]
     return results

@@ -44,9 +44,17 @@ def per_layer_widths(config, granularity: int | None = None, per_layer: list[int
 
 def extract_config(config, widths: list[int]):
     """The standalone config: each MatFormer FFN becomes a ``swiglu`` of its layer's width; the
-    mixer overrides are kept; other FFN kinds keep their config."""
+    mixer overrides are kept; other FFN kinds keep their config. A family without
+    ``layer_overrides`` (YOCO) takes one width for every layer."""
     ffns = config.layers().ffns
     by_layer = dict(zip(matformer_layers(config), widths))
+    if not hasattr(config, "layer_overrides"):
+        if len(set(widths)) > 1 or len(by_layer) != len(ffns):
+            raise ValueError(
+                f"model.family {config.family!r} has one FFN config for every block (no layer_overrides): extract "
+                "one width for all layers (--granularity), or evaluate mixes with `pretrain matformer sweep`"
+            )
+        return dataclasses.replace(config, ffn=SwiGLUConfig(d_ff=widths[0]))
     per_block = [
         {"kind": "swiglu", "d_ff": by_layer[i]} if i in by_layer else to_dict(ffn) for i, ffn in enumerate(ffns)
     ]

@@ -13,9 +13,16 @@ CUDA in bf16 from compute capability 9.0; otherwise (DTensor weights under tenso
 other dtypes or devices, torch.compile, where the fp32 meta kernel is missing) the loop runs.
 Under autocast the grouped GEMM's operands are cast to the autocast dtype first (autocast does
 not cover ``_grouped_mm``; the loop's products are autocast as usual).
+
+Expert parallelism is installed from outside (pretrain/parallel/ep.py) as an ``exchange``
+(:class:`ExpertExchange`): the rows grouped by all E experts go to the ranks holding their
+experts, this rank's experts run on what arrives, and the outputs come back in the original
+order. The model itself holds no process group.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +30,20 @@ from torch import nn
 
 from models.linear import linear
 from models.plans import Replicated
+
+
+class ExpertExchange(Protocol):
+    """How rows reach the experts when they are spread over ranks (expert parallelism)."""
+
+    def dispatch(self, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """Rows ``x`` grouped by all E experts with ``counts`` [E] → the rows for this rank's
+        experts grouped by local expert, their counts, and what ``combine`` needs."""
+
+    def combine(self, y: torch.Tensor, state: object) -> torch.Tensor:
+        """This rank's expert outputs → the outputs of the rows ``dispatch`` took, in their order."""
+
+    def local_weights(self, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's experts' slices of the stacked weights, as plain tensors."""
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -71,10 +92,12 @@ def looped_swiglu(x: torch.Tensor, w1, w3, w2, counts: list[int]) -> torch.Tenso
 class GroupedExperts(nn.Module):
     """E SwiGLU experts of width ``d_ff``; ``forward(x, counts=...)`` runs rows grouped by expert."""
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, grouped_gemm: bool):
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, grouped_gemm: bool, exchangeable: bool = True):
         super().__init__()
         self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
         self.grouped_gemm = grouped_gemm
+        self.exchangeable = exchangeable  # False: some forward runs every expert on every row (compete)
+        self.exchange: ExpertExchange | None = None
         self.w1 = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.w3 = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
@@ -94,12 +117,29 @@ class GroupedExperts(nn.Module):
         if counts is None:
             return self._all_experts(x)
         weights = (self.w1, self.w3, self.w2)
+        if self.exchange is None:
+            return self._grouped(x, weights, counts)
+        x, counts, state = self.exchange.dispatch(x, counts)
+        return self.exchange.combine(self._grouped(x, self.exchange.local_weights(*weights), counts), state)
+
+    def ep_errors(self, ep: int, name: str) -> list[str]:
+        """What spreading these experts over ``ep`` ranks needs."""
+        errors = []
+        if self.n_experts % ep:
+            errors.append(f"{name}: {self.n_experts} experts cannot be split over parallel.ep={ep}; use an ep that divides them")
+        if not self.exchangeable:
+            errors.append(f"{name}: the compete router runs every expert on every token, which expert parallelism "
+                          "cannot; use parallel.ep=1 or another router")
+        return errors
+
+    def _grouped(self, x: torch.Tensor, weights: tuple, counts: torch.Tensor) -> torch.Tensor:
+        plain = weights
         if torch.is_autocast_enabled(x.device.type):  # autocast does not cover _grouped_mm: cast as it would
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weights = x.to(dtype), tuple(w.to(dtype) for w in weights)
         if self.grouped_gemm and grouped_mm_supported(x, *weights):
             return grouped_swiglu(x, *weights, counts)
-        return looped_swiglu(x, self.w1, self.w3, self.w2, counts.tolist())
+        return looped_swiglu(x, *plain, counts.tolist())
 
     def _all_experts(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.unsqueeze(0).expand(self.n_experts, *x.shape)

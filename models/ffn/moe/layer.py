@@ -43,7 +43,9 @@ class RoutedExperts(nn.Module):
         self.config = config
         self.n_experts, self.top_k, self.d_model = config.n_experts, config.top_k, d_model
         self.router = build_router(config, d_model)
-        self.experts = GroupedExperts(config.n_experts, d_model, config.d_ff, config.grouped_gemm)
+        self.experts = GroupedExperts(
+            config.n_experts, d_model, config.d_ff, config.grouped_gemm, exchangeable=config.router != "compete"
+        )
         self.aux_loss_scale = 1.0
         size = config.n_experts + _FORWARDS + 1
         self.register_buffer("_stats", torch.zeros(size, dtype=torch.float64), persistent=False)

@@ -1,0 +1,290 @@
+"""Mixture-of-experts benchmarks on CPU, each comparison side by side in one run.
+
+    python bench/moe.py step      # training step: ours vs HF MixtralForCausalLM of the same shape
+    python bench/moe.py gemm      # the experts: grouped GEMM vs the per-expert loop
+    python bench/moe.py ep        # 2 ranks (gloo): EP2 vs EP1 (FSDP2) at equal work
+    python bench/moe.py quality   # validation loss: moe-tiny vs tiny after the same tokens (CLI)
+
+``step``: the moe-tiny shape with Mixtral's router (``topk_softmax``), fp32, one thread. Each
+variant runs ``--repeats`` times in its own fresh subprocess (so peak RSS is its own),
+alternating: ``hf-mixtral`` is a plain loop around transformers' MixtralForCausalLM (sdpa,
+``output_router_logits`` with its Switch loss at our coefficient, cross entropy, clipping,
+torch AdamW); ``ours`` the project's model, loss, clipping and fused AdamW. Reported: median
+step as tokens/s of wall time and per CPU-second, largest peak RSS.
+
+``gemm``: one MoE layer's experts at moe-tiny's shape (2048 tokens × top-2 rows, d 256, f 512,
+8 experts, a skewed routing), forward + backward, median of ``--repeats``.
+
+``ep``: the moe-tiny shape on 2 ranks (gloo), the same global batch, EP1 (FSDP2 over both,
+every rank all 8 experts) vs EP2 (4 experts per rank, all-to-all dispatch); median step time
+after a warm-up step, alternating layouts per repeat.
+
+``quality``: ``pretrain train`` of the moe-tiny and tiny presets for ``--steps`` steps of
+``--batch`` sequences each (same data, batch and schedule: the same tokens; both at once), the
+last training and validation loss of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def moe_tiny_config(router: str = "topk_softmax"):
+    import dataclasses
+
+    from pretrain.config import load_config
+
+    config = load_config("moe-tiny").model
+    return dataclasses.replace(config, ffn=dataclasses.replace(config.ffn, router=router, z_loss_coef=0.0))
+
+
+# ----------------------------------------------------------------------------- step
+def build_step(variant: str, config):
+    if variant == "hf-mixtral":
+        from transformers import MixtralForCausalLM
+
+        from models.decoder.hf_moe import MIXTRAL_ADAPTER
+
+        hf_config = MIXTRAL_ADAPTER.config_to_hf(config)
+        hf_config.output_router_logits = True
+        model = MixtralForCausalLM(hf_config)
+        model.config._attn_implementation = "sdpa"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+        def loss_of(inputs, labels):
+            out = model(input_ids=inputs)
+            ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten())
+            return ce + hf_config.router_aux_loss_coef * out.aux_loss
+
+        clip = torch.nn.utils.clip_grad_norm_
+    else:
+        from models.loss import language_model_loss
+        from models.spec import build_model
+        from pretrain.optim import OptimConfig, build_optimizer
+        from pretrain.parallel.clip import clip_grad_norm_
+
+        model = build_model(config)
+        model.init_weights()
+        optimizer = build_optimizer(model, OptimConfig())
+
+        def loss_of(inputs, labels):
+            return language_model_loss(model(inputs), labels)[0]
+
+        clip = clip_grad_norm_
+
+    def step(inputs, labels):
+        loss = loss_of(inputs, labels)
+        loss.backward()
+        clip(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
+
+
+def run_step_variant(variant: str, steps: int, batch: int, seq: int) -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = moe_tiny_config()
+    tokens = torch.randint(0, config.vocab_size, (1 + steps, batch, seq + 1))
+    _, step = build_step(variant, config)
+    wall, cpu = [], []
+    for index in range(1 + steps):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        step(tokens[index, :, :-1], tokens[index, :, 1:])
+        if index:
+            wall.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - cpu_started)
+    return {"wall": wall, "cpu": cpu, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def bench_step(args) -> None:
+    variants = ("hf-mixtral", "ours")
+    runs = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for variant in variants:
+            out = subprocess.run(
+                [sys.executable, __file__, "step", "--variant", variant, "--steps", str(args.steps),
+                 "--batch", str(args.batch), "--seq", str(args.seq)],
+                check=True, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+            ).stdout
+            runs[variant].append(json.loads(out.strip().splitlines()[-1]))
+    tokens = args.batch * args.seq
+    print(f"moe-tiny shape (8 experts top-2, topk_softmax), batch {args.batch} x seq {args.seq}, fp32, 1 thread, "
+          f"{args.steps} timed steps x {args.repeats} runs per variant, median step\n")
+    print("| variant | tokens/s | vs HF | tokens/CPU-s | vs HF | peak RSS GiB |\n|---|---:|---:|---:|---:|---:|")
+    rates = {}
+    for variant, results in runs.items():
+        rates[variant] = (
+            tokens / statistics.median(t for r in results for t in r["wall"]),
+            tokens / statistics.median(t for r in results for t in r["cpu"]),
+        )
+    base = rates["hf-mixtral"]
+    for variant, results in runs.items():
+        per_s, per_cpu = rates[variant]
+        peak = max(r["peak_rss_gib"] for r in results)
+        print(f"| {variant} | {per_s:,.0f} | {per_s / base[0]:.2f}x | {per_cpu:,.0f} | {per_cpu / base[1]:.2f}x | {peak:.2f} |")
+
+
+# ----------------------------------------------------------------------------- gemm
+def bench_gemm(args) -> None:
+    from models.ffn.moe.experts import GroupedExperts
+
+    torch.set_num_threads(1)
+    tokens, k, d, f, n = 2048, 2, 256, 512, 8
+    g = torch.Generator().manual_seed(0)
+    experts = torch.multinomial(torch.tensor([8.0, 4, 2, 1, 1, 0.5, 0.5, 0]), tokens * k, replacement=True, generator=g)
+    counts = torch.bincount(experts, minlength=n)
+    x = torch.randn(tokens * k, d, generator=g)
+    times = {}
+    for grouped in (True, False, True, False):
+        module = GroupedExperts(n, d, f, grouped_gemm=grouped)
+        module.init_weights(0.02, 0.02)
+        rows = x.clone().requires_grad_()
+        elapsed = []
+        for _ in range(args.repeats + 1):
+            started = time.perf_counter()
+            module(rows, counts=counts).square().sum().backward()
+            elapsed.append(time.perf_counter() - started)
+        times.setdefault(grouped, []).extend(elapsed[1:])
+    print(f"experts forward+backward, {tokens} tokens x top-{k}, d {d}, f {f}, {n} experts (one empty), fp32, "
+          f"1 thread, median of {2 * args.repeats}\n")
+    print("| path | ms | vs loop |\n|---|---:|---:|")
+    loop = statistics.median(times[False])
+    for grouped, label in ((True, "grouped GEMM (torch._grouped_mm)"), (False, "per-expert loop")):
+        ms = statistics.median(times[grouped])
+        print(f"| {label} | {ms * 1e3:.1f} | {loop / ms:.2f}x |")
+
+
+# ----------------------------------------------------------------------------- ep
+def _ep_worker(rank: int, world: int, steps: int, repeats: int, micro: int, batch: int, seq: int) -> dict:
+    from models.passes import PLAIN
+    from pretrain.optim import OptimConfig, build_optimizer
+    from pretrain.parallel.config import ParallelConfig
+    from pretrain.parallel.mesh import build_mesh, check_layout
+    from pretrain.parallel.parallelize import build_parts
+    from pretrain.parallel.runtime import ParallelRunner
+
+    config = moe_tiny_config("softmax_topk")
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, config.vocab_size, (steps + 1, batch, seq + 1), generator=g)
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for ep in (1, 2):
+            parallel = ParallelConfig(ep=ep)
+            dims = check_layout(parallel, config, world, global_batch=batch, micro_batch=micro, seq_len=seq)
+            mesh = build_mesh(dims, "cpu")
+            parts = build_parts(config, parallel, dims, mesh, torch.device("cpu"), seed=0)
+            runner = ParallelRunner(parts, dims, mesh, torch.device("cpu"), n_microbatches=batch // (world * micro))
+            optimizer = build_optimizer(parts.parts[0], OptimConfig())
+            per_rank = batch // world
+            for step in range(steps + 1):
+                rows = data[step, rank * per_rank : (rank + 1) * per_rank]
+                mbs = [
+                    {
+                        "input_ids": rows[i : i + micro, :-1], "labels": rows[i : i + micro, 1:],
+                        "position_ids": torch.arange(seq).expand(micro, seq),
+                        "doc_ids": torch.zeros(micro, seq, dtype=torch.long),
+                        "loss_mask": torch.ones(micro, seq, dtype=torch.long),
+                    }
+                    for i in range(0, per_rank, micro)
+                ]
+                torch.distributed.barrier()
+                started = time.perf_counter()
+                runner.forward_backward(mbs, float(batch * seq), PLAIN)
+                runner.clip_grad_norm_(1.0)
+                optimizer.step()
+                runner.post_step()
+                optimizer.zero_grad()
+                torch.distributed.barrier()
+                if step:
+                    times[ep].append(time.perf_counter() - started)
+    return times
+
+
+def bench_ep(args) -> None:
+    from tests.parallel.launch import run_ranks
+
+    micro = args.batch // 4
+    results = run_ranks(2, _ep_worker, args.steps, args.repeats, micro, args.batch, args.seq)
+    ep1, ep2 = (statistics.median(results[0][ep]) for ep in (1, 2))
+    tokens = args.batch * args.seq
+    print(f"moe-tiny shape (8 experts top-2), 2 ranks (gloo, 1 thread each), global batch {args.batch} x seq "
+          f"{args.seq} in micro-batches of {micro}, fp32, median of {args.steps} x {args.repeats} steps\n")
+    print("| layout | step s | tokens/s | overhead vs EP1 |\n|---|---:|---:|---:|")
+    print(f"| EP1 (FSDP2, 8 experts per rank) | {ep1:.3f} | {tokens / ep1:,.0f} | |")
+    print(f"| EP2 (4 experts per rank, all-to-all) | {ep2:.3f} | {tokens / ep2:,.0f} | {100 * (ep2 / ep1 - 1):+.1f}% |")
+
+
+# ----------------------------------------------------------------------------- quality
+def bench_quality(args) -> None:
+    common = [
+        f"train.max_steps={args.steps}", f"train.eval_interval={args.steps}", "train.eval_batches=8",
+        f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}", f"logging.interval={args.steps}",
+        "checkpoint.interval=0", "data.num_workers=0", f"schedule.warmup_steps={max(1, args.steps // 8)}",
+    ]
+    presets = ("tiny", "moe-tiny")
+    with tempfile.TemporaryDirectory() as root:
+        started = time.perf_counter()
+        runs = [  # both at once, one thread each
+            subprocess.Popen(
+                [sys.executable, "-m", "pretrain", "train", "--config", preset, *common, f"run.dir={root}/{preset}"],
+                cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            for preset in presets
+        ]
+        if any(run.wait() for run in runs):
+            raise RuntimeError("a training run failed")
+        elapsed = time.perf_counter() - started
+        rows = []
+        for preset in presets:
+            records = [json.loads(line) for line in (Path(root) / preset / "metrics.jsonl").read_text().splitlines()]
+            valid = [r for r in records if "valid_loss" in r][-1]
+            train = [r for r in records if "loss" in r][-1]
+            loads = [v for k, v in train.items() if k.endswith("/max_load")]
+            rows.append((preset, train["loss"], valid["valid_loss"], max(loads) if loads else None))
+    print(f"pretrain train --config <preset>, {args.steps} steps of {args.batch} x 256 tokens (the same tokens), "
+          f"built-in corpus, both runs at once with 1 thread each ({elapsed:.0f} s)\n")
+    print("| preset | train loss | validation loss | max load / mean (worst layer) |\n|---|---:|---:|---:|")
+    for preset, loss, valid, load in rows:
+        shown = f"{load:.2f}" if load is not None else "–"
+        print(f"| {preset} | {loss:.3f} | {valid:.3f} | {shown} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("step", "gemm", "ep", "quality"))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.what == "step" and args.variant:
+        print(json.dumps(run_step_variant(args.variant, args.steps or 4, args.batch, args.seq)))
+        return
+    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}\n")
+    if args.steps is None:
+        args.steps = {"step": 4, "gemm": 0, "ep": 4, "quality": 40}[args.what]
+    {"step": bench_step, "gemm": bench_gemm, "ep": bench_ep, "quality": bench_quality}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Context parallelism applied to a model from outside: every attention layer's backend is
+wrapped so that it attends over the whole sequence while its rank holds only its zigzag chunks
+(zigzag.py), by a ring of K/V blocks (``ring``) or an all-to-all between sequence and head shards
+(``alltoall``). The model code is unchanged: position ids (rotary embeddings) and document ids
+arrive already cut (``shard_sequence``), and the wrapped backend builds, once per forward, the
+masks of the global positions.
+
+Refused with an error that names the fix: a block whose mixer is not attention (gated retention
+carries a recurrent state along the sequence), an additive bias (T5's relative position bias),
+query/key segments (cross-attention to an unrelated sequence), a decode state (generation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from models.attention.backends import AttentionBackend
+from models.attention.spec import AttentionSpec, AttentionSpecError
+from pretrain.parallel.context.ring import RingPlan, block_masks, ring_attention
+from pretrain.parallel.context.ulysses import UlyssesPlan, ulysses_attention
+from pretrain.parallel.context.zigzag import zigzag_positions
+
+CP_MODES = ("ring", "alltoall")
+
+
+class ContextParallelAttention(AttentionBackend):
+    """Wraps the layer's own backend (``inner``): the all-to-all mode runs it on head shards of
+    the whole sequence; the ring mode replaces it with ring attention."""
+
+    def __init__(self, inner: AttentionBackend, mesh: DeviceMesh, mode: str):
+        if mode not in CP_MODES:
+            raise ValueError(f"parallel.cp_mode {mode!r} is unknown; choose one of {list(CP_MODES)}")
+        self.inner, self.mode = inner, mode
+        self.name = f"{inner.name}+cp_{mode}"
+        self.group = mesh.get_group()
+        self.rank, self.size = mesh.get_local_rank(), mesh.size()
+
+    def _refusal(self, spec: AttentionSpec, q_len: int, kv_len: int) -> str | None:
+        if q_len != kv_len:
+            return "attention over a KV cache (generation runs without context parallelism)"
+        if spec.bias is not None:
+            return "an additive bias (T5's relative position bias needs the whole score matrix)"
+        if spec.q_segments is not None:
+            return "query/key segments (cross-attention to a sequence that is not cut like the queries)"
+        return None
+
+    def prepare(self, spec: AttentionSpec, q_len: int, kv_len: int, device: torch.device):
+        refusal = self._refusal(spec, q_len, kv_len)
+        if refusal:
+            raise AttentionSpecError(f"context parallelism (parallel.cp={self.size}) cannot compute {refusal}; "
+                                     "set parallel.cp=1 for this model")
+        seq = q_len * self.size
+        positions = [zigzag_positions(seq, self.size, j, device) for j in range(self.size)]
+        segments = None
+        if spec.segments is not None:
+            segments = [torch.empty_like(spec.segments) for _ in range(self.size)]
+            dist.all_gather(segments, spec.segments.contiguous(), group=self.group)
+        if self.mode == "ring":
+            masks = block_masks(positions, self.rank, spec.causal, spec.window, segments)
+            prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
+            nxt = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
+            visible = tuple(bool(m.any()) for m in masks)
+            return RingPlan(self.group, self.rank, self.size, prev, nxt, tuple(masks), visible, spec.scale)
+        order = torch.cat(positions)
+        natural = torch.argsort(order)
+        if segments is not None:
+            spec = AttentionSpec(spec.causal, spec.window, spec.scale, segments=torch.cat(segments, 1)[:, natural])
+        return UlyssesPlan(self.group, self.size, natural, order, self.inner, self.inner.prepare(spec, seq, seq, device))
+
+    def attend(self, q, k, v, plan):
+        if isinstance(plan, RingPlan):
+            return ring_attention(q, k, v, plan)
+        return ulysses_attention(q, k, v, plan)
+
+
+def apply_cp(model: nn.Module, mesh: DeviceMesh, mode: str) -> None:
+    """Wrap the attention backend of every block's mixer (and of any other attention module) in
+    place; a block without attention cannot be split along the sequence."""
+    wrapped = set()
+    for module in model.modules():
+        backend = getattr(module, "backend", None)
+        if isinstance(backend, AttentionBackend) and not isinstance(backend, ContextParallelAttention):
+            module.backend = ContextParallelAttention(backend, mesh, mode)
+            wrapped.add(id(module))
+    for name in model.block_names():
+        mixer = getattr(model.get_submodule(name), "mixer", None)
+        if mixer is not None and id(mixer) not in wrapped:
+            raise AttentionSpecError(
+                f"{name}: its mixer ({type(mixer).__name__}) is not attention and carries state along the sequence, "
+                "which context parallelism cannot split; set parallel.cp=1 or use an attention mixer"
+            )
