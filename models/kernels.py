@@ -26,6 +26,7 @@ with an error that says what is missing and which choice runs instead.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -65,6 +66,12 @@ def apply_kernels(model: torch.nn.Module, kernels: KernelsConfig) -> None:
         slot = getattr(module, "kernel_slot", None)
         if slot is not None:
             module.kernel = getattr(kernels, slot)
+
+
+@functools.cache
+def compiled(fn):
+    """``torch.compile(fn, dynamic=True)``, made on first use (importing the compiler is slow)."""
+    return torch.compile(fn, dynamic=True)
 
 
 def liger_function(name: str, device: torch.device, key: str):

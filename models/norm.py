@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.kernels import liger_function
+from models.kernels import compiled, liger_function
 
 
 def _normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,15 +58,12 @@ def _plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return weight * normed.to(x.dtype)
 
 
-_compiled_rms_norm = torch.compile(_plain_rms_norm, dynamic=True)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str = "torch") -> torch.Tensor:
     """``weight · (x / rms(x))``, normalised in fp32; lean in memory for plain tensors; by the
     ``kernel`` of ``model.kernels.norm`` (plain tensors only)."""
     if type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter):
         if kernel == "compile":
-            return _compiled_rms_norm(x, weight, eps)
+            return compiled(_plain_rms_norm)(x, weight, eps)
         if kernel == "liger":
             liger_rms_norm = liger_function("liger_rms_norm", x.device, "model.kernels.norm")
             return liger_rms_norm(x, weight, eps, casting_mode="llama", in_place=False)

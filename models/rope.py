@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from models.kernels import liger_function
+from models.kernels import compiled, liger_function
 
 
 def rope_tables(
@@ -40,9 +40,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-_compiled_rope = torch.compile(apply_rope, dynamic=True)
-
-
 def rotate_qk(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: str = "torch"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +47,7 @@ def rotate_qk(
     ``model.kernels.rope``: the plain ops, them through torch.compile, or liger-kernel's RoPE
     (CUDA; it takes [B, heads, S, head_dim] views, the same rotate-half convention)."""
     if kernel == "compile":
-        return _compiled_rope(q, cos, sin), _compiled_rope(k, cos, sin)
+        return compiled(apply_rope)(q, cos, sin), compiled(apply_rope)(k, cos, sin)
     if kernel == "liger":
         liger_rope = liger_function("liger_rope", q.device, "model.kernels.rope")
         q, k = liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)

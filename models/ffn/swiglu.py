@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import FFNConfig
-from models.kernels import liger_function
+from models.kernels import compiled, liger_function
 from models.linear import Linear
 from models.plans import Colwise, Rowwise
 from models.spec import register_ffn
@@ -54,15 +54,12 @@ def _plain_gated_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_compiled_gated_product = torch.compile(_plain_gated_product, dynamic=True)
-
-
 def gated_product(gate: torch.Tensor, up: torch.Tensor, kernel: str = "torch") -> torch.Tensor:
     """``silu(gate) * up``; lean in memory for plain tensors under autograd; by the ``kernel``
     of ``model.kernels.swiglu`` (plain tensors only)."""
     if type(gate) is torch.Tensor and type(up) is torch.Tensor:
         if kernel == "compile":
-            return _compiled_gated_product(gate, up)
+            return compiled(_plain_gated_product)(gate, up)
         if kernel == "liger":
             return liger_function("liger_swiglu", gate.device, "model.kernels.swiglu")(gate, up)
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
