@@ -61,6 +61,38 @@ def _rope_fields(config) -> dict:
     return {"rope_parameters": {"rope_type": "linear", "factor": factor, "rope_theta": config.rope_theta}}
 
 
+def decoder_config_from_hf(hf, backend: str, ffn, problems: list[str], qk_norm_eps: float | None = None):
+    """The DecoderConfig of a Llama-like HF config (attention, RoPE, norms, embeddings) with
+    ``ffn``; ``problems`` found by the caller raise first, in one message."""
+    from models.decoder.config import DecoderConfig
+
+    if problems:
+        raise ValueError(f"cannot convert this {type(hf).__name__}: " + "; ".join(problems))
+    head_dim = getattr(hf, "head_dim", None)
+    theta, interpolation = _rope(hf)
+    config = DecoderConfig(
+        vocab_size=hf.vocab_size,
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        max_seq_len=hf.max_position_embeddings,
+        rope_theta=theta,
+        rope_interpolation=interpolation,
+        norm_eps=hf.rms_norm_eps,
+        tie_embeddings=bool(hf.tie_word_embeddings),
+        init_std=hf.initializer_range,
+        mixer=AttentionConfig(
+            n_heads=hf.num_attention_heads,
+            n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+            head_dim=None if head_dim in (None, hf.hidden_size // hf.num_attention_heads) else head_dim,
+            backend=backend,
+            qk_norm_eps=qk_norm_eps,
+        ),
+        ffn=ffn,
+    )
+    config.validate()
+    return config
+
+
 class LlamaAdapter(HFAdapter):
     architecture = "LlamaForCausalLM"
 
@@ -106,36 +138,12 @@ class LlamaAdapter(HFAdapter):
         )
 
     def config_from_hf(self, hf, backend: str = "sdpa"):
-        from models.decoder.config import DecoderConfig
-
         problems = []
         if getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False):
             problems.append("biases (attention_bias/mlp_bias) are not supported")
         if hf.hidden_act != "silu":
             problems.append(f"hidden_act={hf.hidden_act!r} (only silu)")
-        if problems:
-            raise ValueError(f"cannot convert this {type(hf).__name__}: " + "; ".join(problems))
-        head_dim = getattr(hf, "head_dim", None)
-        config = DecoderConfig(
-            vocab_size=hf.vocab_size,
-            d_model=hf.hidden_size,
-            n_layers=hf.num_hidden_layers,
-            max_seq_len=hf.max_position_embeddings,
-            rope_theta=_rope(hf)[0],
-            rope_interpolation=_rope(hf)[1],
-            norm_eps=hf.rms_norm_eps,
-            tie_embeddings=bool(hf.tie_word_embeddings),
-            init_std=hf.initializer_range,
-            mixer=AttentionConfig(
-                n_heads=hf.num_attention_heads,
-                n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
-                head_dim=None if head_dim in (None, hf.hidden_size // hf.num_attention_heads) else head_dim,
-                backend=backend,
-            ),
-            ffn=SwiGLUConfig(d_ff=hf.intermediate_size),
-        )
-        config.validate()
-        return config
+        return decoder_config_from_hf(hf, backend, SwiGLUConfig(d_ff=hf.intermediate_size), problems)
 
     def tensor_map(self, config) -> TensorMap:
         self._check(config)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from models.attention.layer import AttentionConfig
-from models.decoder.hf import HEAD, RULES, _rope
+from models.decoder.hf import HEAD, RULES, decoder_config_from_hf
 from models.ffn.moe.config import MoEConfig
 from models.hf import HFAdapter, TensorMap, TensorRule, expand_rules
 
@@ -103,8 +103,6 @@ class _MoEAdapter(HFAdapter):
         )
 
     def _common_from_hf(self, hf, backend: str, ffn: MoEConfig, qk_norm_eps: float | None):
-        from models.decoder.config import DecoderConfig
-
         problems = []
         if getattr(hf, "attention_bias", False):
             problems.append("attention biases are not supported")
@@ -112,30 +110,7 @@ class _MoEAdapter(HFAdapter):
             problems.append(f"hidden_act={hf.hidden_act!r} (only silu)")
         if getattr(hf, "sliding_window", None) is not None and getattr(hf, "use_sliding_window", True):
             problems.append("a sliding window")
-        if problems:
-            raise ValueError(f"cannot convert this {type(hf).__name__}: " + "; ".join(problems))
-        head_dim = getattr(hf, "head_dim", None)
-        config = DecoderConfig(
-            vocab_size=hf.vocab_size,
-            d_model=hf.hidden_size,
-            n_layers=hf.num_hidden_layers,
-            max_seq_len=hf.max_position_embeddings,
-            rope_theta=_rope(hf)[0],
-            rope_interpolation=_rope(hf)[1],
-            norm_eps=hf.rms_norm_eps,
-            tie_embeddings=bool(hf.tie_word_embeddings),
-            init_std=hf.initializer_range,
-            mixer=AttentionConfig(
-                n_heads=hf.num_attention_heads,
-                n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
-                head_dim=None if head_dim in (None, hf.hidden_size // hf.num_attention_heads) else head_dim,
-                backend=backend,
-                qk_norm_eps=qk_norm_eps,
-            ),
-            ffn=ffn,
-        )
-        config.validate()
-        return config
+        return decoder_config_from_hf(hf, backend, ffn, problems, qk_norm_eps)
 
     # ----------------------------------------------------------- tensors
     def _moe_layers(self, config) -> list[int]:
