@@ -103,3 +103,13 @@ class DecoderConfig(ModelConfig):
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         return tied_pipeline_errors(self, pp)
+
+    def context_parallel_errors(self) -> list[str]:
+        layers, errors = self.layers(), []
+        for i, (mixer, ffn) in enumerate(zip(layers.mixers, layers.ffns)):
+            for problem in mixer.context_parallel_errors(self._where(i, "mixer")) + ffn.context_parallel_errors(
+                self._where(i, "ffn")
+            ):
+                if problem not in errors:
+                    errors.append(problem)
+        return errors
