@@ -105,11 +105,10 @@ class DecoderConfig(ModelConfig):
         return tied_pipeline_errors(self, pp)
 
     def context_parallel_errors(self) -> list[str]:
+        """Every block's mixer and FFN, each problem once (blocks share their config keys)."""
         layers, errors = self.layers(), []
         for i, (mixer, ffn) in enumerate(zip(layers.mixers, layers.ffns)):
-            for problem in mixer.context_parallel_errors(self._where(i, "mixer")) + ffn.context_parallel_errors(
-                self._where(i, "ffn")
-            ):
-                if problem not in errors:
-                    errors.append(problem)
+            problems = mixer.context_parallel_errors(self._where(i, "mixer"))
+            problems += ffn.context_parallel_errors(self._where(i, "ffn"))
+            errors += [problem for problem in problems if problem not in errors]
         return errors
