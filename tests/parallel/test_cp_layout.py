@@ -61,14 +61,19 @@ def test_layout_check_refuses_what_the_model_cannot_split():
     without cp passes."""
     retention = RetentionConfig(n_heads=4, chunk_size=8)
     capacity = MoEConfig(n_experts=4, top_k=2, d_ff=32, capacity_factor=1.25)
+    override = LayerOverride(layers="1:", mixer=dataclasses.asdict(retention))
     cases = {
-        "yoco retention": (dataclasses.replace(YOCO, mixer=retention), "model.mixer (kind retention) carries a recurrent state"),
+        "yoco retention": (
+            dataclasses.replace(YOCO, mixer=retention), "model.mixer (kind retention) carries a recurrent state"
+        ),
         "decoder override": (
-            dataclasses.replace(TINY, layer_overrides=[LayerOverride(layers="1:", mixer=dataclasses.asdict(retention))]),
+            dataclasses.replace(TINY, layer_overrides=[override]),
             "model.layer_overrides[0].mixer (kind retention) carries a recurrent state",
         ),
         "encdec relative": (ENCDEC, "model.family encdec: T5's relative position bias"),
-        "encdec rope": (dataclasses.replace(ENCDEC, position="rope"), "model.family encdec: the decoder's cross-attention"),
+        "encdec rope": (
+            dataclasses.replace(ENCDEC, position="rope"), "model.family encdec: the decoder's cross-attention"
+        ),
         "moe capacity": (dataclasses.replace(TINY, ffn=capacity), "model.ffn.capacity_factor (1.25) would drop tokens"),
         "unknown mixer": (dataclasses.replace(TINY, mixer=CumsumConfig()), "model.mixer (kind cumsum) does not declare"),
     }

@@ -1,10 +1,11 @@
 """An MoE decoder with its balancing losses (the Switch loss over the batch and per sequence, the
 router z-loss) trains under context parallelism like one process: the Switch loss's routing
 statistics are summed over the cp ranks (each holds chunks of the same sequences), the z-loss is
-a mean over positions whose share the trainer divides by cp. CP2 (ring) and CP2 all-to-all, 5
-steps of losses and gradient norms, and the first step's gradients parameter by parameter (the
-router's carry the balancing terms), against the plain single-process loop with each MoE layer's
-auxiliary-loss weight set by hand to the micro-batch's share of the global batch."""
+a mean over positions whose share the trainer divides by cp. CP2 (ring, also with full
+recomputation), CP2 all-to-all, CP2×EP2 and CP2×TP2+SP: 5 steps of losses and gradient norms,
+and the first step's gradients parameter by parameter (the router's carry the balancing terms),
+against the plain single-process loop with each MoE layer's auxiliary-loss weight set by hand
+to the micro-batch's share of the global batch."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from models.ffn.moe import MoEConfig
 from models.spec import build_model
 from pretrain.names import clean_key
 from pretrain.parallel.config import ParallelConfig
-from tests.parallel.launch import run_ranks
+from tests.parallel.launch import launches_by_world
 from tests.parallel.test_moe_layouts import moe_loss
 from tests.parallel.test_parity import check_ranks
 from tests.parallel.workloads import GLOBAL_BATCH, SEED, TINY, ParallelTraining, cut, global_batch, reference_run
@@ -33,9 +34,17 @@ CONFIGS = {
     "sequence": dataclasses.replace(TINY, ffn=dataclasses.replace(ROUTED, aux_loss_scope="sequence")),
 }
 LAYOUTS = {
-    "cp2_batch": (dict(cp=2, dp_shard=1), "batch"),
-    "cp2_alltoall_sequence": (dict(cp=2, dp_shard=1, cp_mode="alltoall"), "sequence"),
+    2: {
+        "cp2_batch": (dict(cp=2, dp_shard=1), "batch"),
+        "cp2_alltoall_sequence": (dict(cp=2, dp_shard=1, cp_mode="alltoall"), "sequence"),
+        "cp2_full_recompute_batch": (dict(cp=2, dp_shard=1), "batch", "full"),
+    },
+    4: {
+        "cp2_ep2_batch": (dict(cp=2, dp_shard=2, ep=2), "batch"),
+        "cp2_tp2_sp_sequence": (dict(cp=2, tp=2, sp=True), "sequence"),
+    },
 }
+CASES = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts]
 
 
 def first_step_gradients(training: ParallelTraining) -> dict[str, torch.Tensor]:
@@ -51,11 +60,13 @@ def first_step_gradients(training: ParallelTraining) -> dict[str, torch.Tensor]:
 
 def train(rank: int, world: int) -> dict:
     results = {}
-    for name, (fields, config) in LAYOUTS.items():
-        training = ParallelTraining(world, ParallelConfig(**fields), MICRO, model_config=CONFIGS[config])
-        results[name] = [training.step(step) for step in range(STEPS)]
-        fresh = ParallelTraining(world, ParallelConfig(**fields), MICRO, model_config=CONFIGS[config])
-        results[("grads", name)] = first_step_gradients(fresh)
+    for name, (fields, config, *recompute) in LAYOUTS[world].items():
+        def training():
+            return ParallelTraining(world, ParallelConfig(**fields), MICRO, *recompute, model_config=CONFIGS[config])
+
+        trained = training()
+        results[name] = [trained.step(step) for step in range(STEPS)]
+        results[("grads", name)] = first_step_gradients(training())
     return results
 
 
@@ -74,16 +85,17 @@ def reference_gradients(config) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def launched():
-    return run_ranks(2, train)
+    return launches_by_world(train)
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_moe_balancing_losses_under_cp_match_one_process(name, launched):
-    config = CONFIGS[LAYOUTS[name][1]]
-    check_ranks([result[name] for result in launched], reference_run(STEPS, MICRO, config, step_loss=moe_loss))
+@pytest.mark.parametrize("world, name", CASES, ids=[name for _, name in CASES])
+def test_moe_balancing_losses_under_cp_match_one_process(world, name, launched):
+    config = CONFIGS[LAYOUTS[world][name][1]]
+    per_rank = launched(world)
+    check_ranks([result[name] for result in per_rank], reference_run(STEPS, MICRO, config, step_loss=moe_loss))
     expected = reference_gradients(config)
     assert any("router" in key for key in expected)
-    for result in launched:
+    for result in per_rank:
         grads = result[("grads", name)]
         assert grads.keys() == expected.keys()
         for key, want in expected.items():

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 
 def switch_loss(
-    probs: torch.Tensor, experts: torch.Tensor, rows: int = 1, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    probs: torch.Tensor,
+    experts: torch.Tensor,
+    rows: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """E · Σ_i f_i · P_i (without α) for router ``probs`` [T, E] and chosen ``experts`` [T, k];
     with ``rows`` > 1 the T tokens are ``rows`` sequences of T/rows tokens, and the result is the
