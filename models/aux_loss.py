@@ -11,6 +11,13 @@ from its forward. The output is ``x`` unchanged; in backward, ``aux`` receives t
 ``aux_loss_scale`` (times 1: it is a loss term of its own, independent of the output's
 gradient), exactly as if ``aux_loss_scale · aux`` had been added to the step's loss. Outside
 autograd (evaluation, no_grad) it does nothing.
+
+A loss term that is not a mean over positions (the Switch loss: a product of two means) needs
+the statistics of whole sequences. Under context parallelism each rank holds chunks of the
+sequences; a module with such a term keeps a ``sequence_reduce`` attribute (None), which context
+parallelism sets to a differentiable sum over the ranks holding the other chunks: the module
+sums its statistics with it. Terms that are means over positions (z-loss) need nothing: the
+trainer's ``aux_loss_scale`` already divides each rank's share by cp.
 """
 
 from __future__ import annotations

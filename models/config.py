@@ -72,6 +72,12 @@ class ModelConfig(Tagged):
         """Family-specific constraints of a parallel layout (e.g. tied embeddings across stages)."""
         return []
 
+    def context_parallel_errors(self) -> list[str]:
+        """What of this model context parallelism (``parallel.cp`` > 1: every sequence cut over
+        ranks) cannot compute, one line each naming the fix; checked with the layout, before any
+        work. A family that does not declare what it supports is refused."""
+        return [f"model.family {self.family} does not declare support for context parallelism; set parallel.cp=1"]
+
 
 class MixerConfig(Tagged):
     """Base of the mixer kinds' configs (``model.mixer``)."""
@@ -89,6 +95,11 @@ class MixerConfig(Tagged):
     def tp_sizes(self, prefix: str, d_model: int) -> dict[str, int]:
         return {}
 
+    def context_parallel_errors(self, prefix: str) -> list[str]:
+        """Why context parallelism cannot split this mixer along the sequence (one line each,
+        naming the fix); a kind that does not declare support is refused."""
+        return [f"{prefix} (kind {self.kind}) does not declare support for context parallelism; set parallel.cp=1"]
+
 
 class FFNConfig(Tagged):
     """Base of the FFN kinds' configs (``model.ffn``)."""
@@ -105,6 +116,11 @@ class FFNConfig(Tagged):
 
     def tp_sizes(self, prefix: str, d_model: int) -> dict[str, int]:
         return {}
+
+    def context_parallel_errors(self, prefix: str) -> list[str]:
+        """Why context parallelism changes what this FFN computes (one line each, naming the
+        fix); none by default: an FFN acts on each position alone."""
+        return []
 
 
 @dataclass

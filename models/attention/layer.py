@@ -49,6 +49,9 @@ this epsilon; None: none."""
     def resolved_head_dim(self, d_model: int) -> int:
         return self.head_dim or d_model // max(1, self.n_heads)
 
+    def context_parallel_errors(self, prefix: str) -> list[str]:
+        return []  # causal, windowed and document masks over the whole sequence (pretrain/parallel/context)
+
     def problems(self, prefix: str, d_model: int) -> list[str]:
         errors = []
         for name in ("n_heads", "n_kv_heads"):

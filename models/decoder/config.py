@@ -103,3 +103,12 @@ class DecoderConfig(ModelConfig):
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         return tied_pipeline_errors(self, pp)
+
+    def context_parallel_errors(self) -> list[str]:
+        """Every block's mixer and FFN, each problem once (blocks share their config keys)."""
+        layers, errors = self.layers(), []
+        for i, (mixer, ffn) in enumerate(zip(layers.mixers, layers.ffns)):
+            problems = mixer.context_parallel_errors(self._where(i, "mixer"))
+            problems += ffn.context_parallel_errors(self._where(i, "ffn"))
+            errors += [problem for problem in problems if problem not in errors]
+        return errors

@@ -104,3 +104,10 @@ class EncDecConfig(ModelConfig):
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         return tied_pipeline_errors(self, pp)
+
+    def context_parallel_errors(self) -> list[str]:
+        bias = "T5's relative position bias (whole score matrices) and " if self.position == "relative" else ""
+        return [
+            f"model.family encdec: {bias}the decoder's cross-attention to the encoder output (another sequence) "
+            "cannot be cut over ranks by context parallelism; set parallel.cp=1"
+        ]

@@ -45,6 +45,12 @@ class RetentionConfig(MixerConfig):
     def resolved_head_dim(self, d_model: int) -> int:
         return d_model // max(1, self.n_heads)
 
+    def context_parallel_errors(self, prefix: str) -> list[str]:
+        return [
+            f"{prefix} (kind retention) carries a recurrent state along the sequence, which context parallelism "
+            "cannot split; set parallel.cp=1"
+        ]
+
     def problems(self, prefix: str, d_model: int) -> list[str]:
         errors = []
         for name in ("n_heads", "chunk_size"):

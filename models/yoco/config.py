@@ -101,3 +101,8 @@ class YocoConfig(ModelConfig):
 
     def layout_errors(self, *, tp: int, pp: int, stages: int) -> list[str]:
         return tied_pipeline_errors(self, pp)
+
+    def context_parallel_errors(self) -> list[str]:
+        """The self-decoder's mixer and the FFN; the cross-decoder attends over the one global
+        K,V of the same sequence, which context parallelism cuts like the queries."""
+        return self.mixer.context_parallel_errors("model.mixer") + self.ffn.context_parallel_errors("model.ffn")

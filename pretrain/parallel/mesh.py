@@ -178,11 +178,12 @@ def _batch_errors(parallel: ParallelConfig, dp: int, global_batch: int, micro_ba
 
 
 def _context_errors(parallel: ParallelConfig, model, seq_len: int) -> list[str]:
-    """Context parallelism: zigzag chunks of equal length, and heads for the all-to-all."""
+    """Context parallelism: what the model declares it cannot split, zigzag chunks of equal
+    length, and heads for the all-to-all."""
     cp = parallel.cp
     if cp <= 1:
         return []
-    errors = []
+    errors = model.context_parallel_errors()
     if seq_len % (2 * cp):
         errors.append(
             f"data.seq_len ({seq_len}) must be divisible by 2 x parallel.cp = {2 * cp} (each cp rank holds two "

@@ -1,5 +1,7 @@
 """What context parallelism refuses, with errors that name the fix: layouts (sequence not cut
-into 2·cp chunks, SP chunks, heads for the all-to-all), mixers that are not attention, attention
+into 2·cp chunks, SP chunks, heads for the all-to-all) and models whose config declares what cp
+cannot compute (a recurrent mixer, an encoder-decoder, an MoE capacity), both at the layout
+check; at the first forward, should a model get there: mixers that are not attention, attention
 with an additive bias, cross-attention segments or a KV cache."""
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import torch.distributed as dist
 from torch import nn
 
 from models.attention.spec import AttentionSpec, AttentionSpecError
-from models.config import MixerConfig
+from models.config import LayerOverride, MixerConfig
+from models.ffn.moe import MoEConfig
+from models.retention import RetentionConfig
 from models.linear import Linear
 from models.spec import KindSpec, build_model, registered
 from pretrain.parallel.config import ParallelConfig
 from pretrain.parallel.context.apply import ContextParallelAttention, apply_cp
-from pretrain.parallel.mesh import build_mesh, check_layout, layout_errors
+from pretrain.parallel.mesh import LayoutError, build_mesh, check_layout, layout_errors
 from tests.parallel.launch import run_ranks
+from tests.parallel.test_encdec_parity import ENCDEC
+from tests.parallel.test_yoco_parity import YOCO
 from tests.parallel.workloads import TINY, variant
 
 
@@ -40,6 +46,44 @@ def test_layout_errors_name_the_problem():
     assert not any("n_heads (4)" in e for e in alltoall)  # 4 query heads split over cp=4
     assert any("x cp = 1 x 1 x 1 x 3" in e for e in errors(32, cp=3, dp_shard=-1))
     assert any("parallel.cp must be >= 1" in e for e in errors(32, cp=0))
+
+
+def refusal(model, **fields) -> list[str]:
+    """The lines of the LayoutError that the layout check raises for ``model`` under CP2."""
+    with pytest.raises(LayoutError) as raised:
+        check_layout(ParallelConfig(cp=2, **fields), model, 2, global_batch=8, micro_batch=1, seq_len=32)
+    return str(raised.value).splitlines()[1:]
+
+
+def test_layout_check_refuses_what_the_model_cannot_split():
+    """Each model context parallelism cannot compute is refused by the layout check (before any
+    process group or model exists), in one line that names the fix; the same model and layout
+    without cp passes."""
+    retention = RetentionConfig(n_heads=4, chunk_size=8)
+    capacity = MoEConfig(n_experts=4, top_k=2, d_ff=32, capacity_factor=1.25)
+    override = LayerOverride(layers="1:", mixer=dataclasses.asdict(retention))
+    cases = {
+        "yoco retention": (
+            dataclasses.replace(YOCO, mixer=retention), "model.mixer (kind retention) carries a recurrent state"
+        ),
+        "decoder override": (
+            dataclasses.replace(TINY, layer_overrides=[override]),
+            "model.layer_overrides[0].mixer (kind retention) carries a recurrent state",
+        ),
+        "encdec relative": (ENCDEC, "model.family encdec: T5's relative position bias"),
+        "encdec rope": (
+            dataclasses.replace(ENCDEC, position="rope"), "model.family encdec: the decoder's cross-attention"
+        ),
+        "moe capacity": (dataclasses.replace(TINY, ffn=capacity), "model.ffn.capacity_factor (1.25) would drop tokens"),
+        "unknown mixer": (dataclasses.replace(TINY, mixer=CumsumConfig()), "model.mixer (kind cumsum) does not declare"),
+    }
+    for name, (model, start) in cases.items():
+        lines = refusal(model, dp_shard=1)
+        assert len(lines) == 1 and lines[0].startswith("  - " + start), (name, lines)
+        assert lines[0].endswith("parallel.cp=1"), (name, lines)
+        assert layout_errors(ParallelConfig(dp_shard=2), model, 2, global_batch=8, micro_batch=1, seq_len=32)[1] == []
+    assert errors(32, dataclasses.replace(TINY, ffn=dataclasses.replace(capacity, capacity_factor=None)), cp=2) == []
+    assert errors(32, YOCO, cp=2) == []
 
 
 @dataclasses.dataclass

@@ -1,5 +1,5 @@
 """Context parallelism trains like one process: CP2 and CP4 (ring), the all-to-all option, CP
-combined with TP2(+SP), FSDP2, PP2 (1F1B) and recomputation, YOCO (windowed self-decoder,
+(ring and all-to-all) combined with TP2(+SP), FSDP2, PP2 (1F1B) and recomputation, YOCO (windowed self-decoder,
 cross-decoder) and an MoE decoder (also under EP2), for 5 steps on packed documents (full
 causal attention and a sliding window), each with the losses and gradient norms of an
 independent single-process loop (tests/parallel/workloads.py); and the first step's gradients,
@@ -31,8 +31,8 @@ CONFIGS = {
     "window": variant(TINY, mixer=dict(window=6)),
     "kv4": variant(TINY, mixer=dict(n_heads=4, n_kv_heads=4)),
     "yoco": YOCO,  # sliding-window self-decoder, cross-decoder over the one global K,V
-    # Dropless routing without auxiliary losses: what a rank routes then does not depend on
-    # which tokens it holds (capacity and balancing losses are computed over a rank's chunks).
+    # Dropless routing (a capacity is refused under cp); the balancing losses under cp are
+    # tested in test_cp_moe.py.
     "moe": dataclasses.replace(TINY, ffn=MoEConfig(
         n_experts=4, top_k=2, d_ff=32, n_shared_experts=1, first_dense_layers=1, dense_d_ff=128,
         capacity_factor=None, aux_loss_coef=0.0, z_loss_coef=0.0,
@@ -54,6 +54,8 @@ LAYOUTS = {
         "cp4_alltoall": (dict(cp=4, dp_shard=1, cp_mode="alltoall"), 2, "kv4"),
         "cp2_tp2": (dict(cp=2, tp=2, sp=False), 2, "causal"),
         "cp2_tp2_sp": (dict(cp=2, tp=2, sp=True), 2, "window"),
+        "cp2_tp2_alltoall": (dict(cp=2, tp=2, sp=False, cp_mode="alltoall"), 2, "kv4"),
+        "cp2_tp2_sp_alltoall": (dict(cp=2, tp=2, sp=True, cp_mode="alltoall"), 2, "kv4"),
         "cp2_fsdp2": (dict(cp=2, dp_shard=2), 2, "causal"),
         "cp2_fsdp2_alltoall": (dict(cp=2, dp_shard=2, cp_mode="alltoall"), 1, "window"),
         "cp4_yoco": (dict(cp=4, dp_shard=1), 2, "yoco"),

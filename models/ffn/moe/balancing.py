@@ -10,21 +10,35 @@ sequences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 
-def switch_loss(probs: torch.Tensor, experts: torch.Tensor, rows: int = 1) -> torch.Tensor:
+def switch_loss(
+    probs: torch.Tensor,
+    experts: torch.Tensor,
+    rows: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """E · Σ_i f_i · P_i (without α) for router ``probs`` [T, E] and chosen ``experts`` [T, k];
     with ``rows`` > 1 the T tokens are ``rows`` sequences of T/rows tokens, and the result is the
-    mean over the sequences of each sequence's E · Σ_i f_i · P_i."""
+    mean over the sequences of each sequence's E · Σ_i f_i · P_i. ``reduce`` (context
+    parallelism: the other chunks of the same rows are on other ranks) sums the per-row
+    assignment counts and probability sums over those ranks, differentiably, so that f and P are
+    the whole rows' and every rank gets the loss of one process."""
     tokens, n_experts = probs.shape
     top_k = experts.shape[1]
     per_row = tokens // rows
     counts = torch.zeros(rows, n_experts, dtype=probs.dtype, device=probs.device)
     counts.scatter_add_(1, experts.reshape(rows, -1), torch.ones(rows, per_row * top_k, dtype=probs.dtype, device=probs.device))
-    fraction = counts / (per_row * top_k)
-    mean_prob = probs.reshape(rows, per_row, n_experts).mean(1)
+    prob_sums = probs.reshape(rows, per_row, n_experts).sum(1)
+    if reduce is not None:
+        counts, prob_sums = reduce(counts), reduce(prob_sums)
+    assignments = counts.sum(-1, keepdim=True)  # tokens of the row x k
+    fraction = counts / assignments
+    mean_prob = prob_sums / (assignments / top_k)
     return (n_experts * (fraction * mean_prob).sum(-1)).mean()
 
 

@@ -120,6 +120,18 @@ class MoEConfig(FFNConfig):
             errors.append(f"{prefix}.compete_every / compete_loss_coef apply only to router compete: remove them")
         return errors
 
+    def context_parallel_errors(self, prefix: str) -> list[str]:
+        """A capacity keeps each expert's assignments with the largest weights among the tokens a
+        rank routes: under context parallelism those are a rank's chunks, not the whole sequences
+        (the balancing losses are exact: models/aux_loss.py)."""
+        if self.capacity_factor:
+            return [
+                f"{prefix}.capacity_factor ({self.capacity_factor}) would drop tokens by their rank within each "
+                f"context-parallel chunk, not the whole sequence; set {prefix}.capacity_factor: null (dropless) "
+                "or parallel.cp=1"
+            ]
+        return []
+
     def tp_sizes(self, prefix: str, d_model: int) -> dict[str, int]:
         """Tensor parallelism shards the shared experts' hidden units (and a dense block's); the
         routed experts are replicated over the TP ranks (docs/moe.md)."""

@@ -47,6 +47,7 @@ class RoutedExperts(nn.Module):
             config.n_experts, d_model, config.d_ff, config.grouped_gemm, exchangeable=config.router != "compete"
         )
         self.aux_loss_scale = 1.0
+        self.sequence_reduce = None  # models/aux_loss.py: set under context parallelism
         size = config.n_experts + _FORWARDS + 1
         self.register_buffer("_stats", torch.zeros(size, dtype=torch.float64), persistent=False)
         self.register_buffer("_last", torch.zeros(size, dtype=torch.float64), persistent=False)
@@ -81,7 +82,9 @@ class RoutedExperts(nn.Module):
             routed, dropped = plan.routed, plan.dropped
         if self.config.aux_loss_coef > 0 and routing.probs is not None:
             rows = x.shape[0] if self.config.aux_loss_scope == "sequence" and x.dim() == 3 else 1
-            terms["aux_loss"] = self.config.aux_loss_coef * switch_loss(routing.probs, routing.experts, rows)
+            terms["aux_loss"] = self.config.aux_loss_coef * switch_loss(
+                routing.probs, routing.experts, rows, self.sequence_reduce
+            )
         if self.config.z_loss_coef > 0 and routing.logits is not None:
             terms["z_loss"] = self.config.z_loss_coef * z_loss(routing.logits)
         if recording:

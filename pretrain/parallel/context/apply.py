@@ -5,16 +5,21 @@ wrapped so that it attends over the whole sequence while its rank holds only its
 arrive already cut (``shard_sequence``), and the wrapped backend builds, once per forward, the
 masks of the global positions.
 
-Refused with an error that names the fix: a block whose mixer is not attention (gated retention
-carries a recurrent state along the sequence), an additive bias (T5's relative position bias),
-query/key segments (cross-attention to an unrelated sequence), a decode state (generation).
+The layout check refuses what a model declares context parallelism cannot compute
+(``context_parallel_errors`` of its config: a recurrent mixer, an encoder-decoder, an MoE
+capacity). Refused here too, at the first forward, with an error that names the fix, should a
+model reach it anyway: a block whose mixer is not attention, an additive bias, query/key
+segments (cross-attention to an unrelated sequence), a decode state (generation).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.nn.functional import all_reduce
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.attention.backends import AttentionBackend
@@ -24,6 +29,11 @@ from pretrain.parallel.context.ulysses import UlyssesPlan, ulysses_attention
 from pretrain.parallel.context.zigzag import zigzag_positions
 
 CP_MODES = ("ring", "alltoall")
+
+
+def sum_over(group: dist.ProcessGroup, tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over ``group``; its gradient is the sum of the ranks' gradients."""
+    return all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
 class ContextParallelAttention(AttentionBackend):
@@ -78,9 +88,14 @@ class ContextParallelAttention(AttentionBackend):
 
 def apply_cp(model: nn.Module, mesh: DeviceMesh, mode: str) -> None:
     """Wrap the attention backend of every block's mixer (and of any other attention module) in
-    place; a block without attention cannot be split along the sequence."""
+    place, and give every module with statistics over whole sequences (``sequence_reduce``,
+    models/aux_loss.py) the sum over the cp group; a block without attention cannot be split
+    along the sequence (refused earlier, by the layout check: ``context_parallel_errors``)."""
+    group = mesh.get_group()
     wrapped = set()
     for module in model.modules():
+        if hasattr(module, "sequence_reduce"):
+            module.sequence_reduce = functools.partial(sum_over, group)
         backend = getattr(module, "backend", None)
         if isinstance(backend, AttentionBackend) and not isinstance(backend, ContextParallelAttention):
             module.backend = ContextParallelAttention(backend, mesh, mode)
