@@ -4,8 +4,9 @@ Conventions (all *training* FLOPs per token, forward + backward = 3 × forward):
 
 * ``exact``: ``models.counting.training_flops_per_token``, every matmul of our model plus causal
   attention; the number MFU uses.
-* ``six_n``: 6·N with N = ``non_embedding`` parameters (blocks + output head; the input table is
-  a lookup, not a matmul). This is the N the ladder and the fits use: 6N is then the matmul work.
+* ``six_n``: 6·N with N = *active* non-embedding parameters (blocks + output head; the input
+  table is a lookup, not a matmul; a mixture of experts counts the router and the k experts a
+  token uses). This is the N the ladder and the fits use: 6N is then the matmul work.
 * ``kaplan``: 3 × (2·N_blocks + 2·n_layers·n_ctx·d_attn) (Kaplan et al. 2020, table 1), N_blocks
   = the blocks' weights only, embedding and de-embedding excluded as in their N.
 * ``chinchilla``: 3 × the forward count of Hoffmann et al. 2022, appendix F: embeddings as a
@@ -146,21 +147,28 @@ class Accounting:
     params: ParamCounts
     exact: float
     six_n: float
-    kaplan: float
-    chinchilla: float
+    kaplan: float | None
+    chinchilla: float | None
 
     @property
     def n(self) -> int:
-        """The N of our scaling laws: non-embedding parameters (blocks + output head)."""
-        return self.params.non_embedding
+        """The N of our scaling laws: active non-embedding parameters (blocks + output head)."""
+        return self.params.active - self.params.embedding
 
 
 def account(config, seq_len: int) -> Accounting:
+    """All four counts; for a mixture of experts (or any shape the published conventions do not
+    describe) ``kaplan`` and ``chinchilla`` are None."""
     params = param_counts(config)
+    try:
+        kaplan = float(kaplan_flops_per_token(config, seq_len))
+        chinchilla = float(chinchilla_flops_per_token(config, seq_len))
+    except ValueError:
+        kaplan = chinchilla = None
     return Accounting(
         params=params,
         exact=float(training_flops_per_token(config, seq_len)),
-        six_n=6.0 * params.non_embedding,
-        kaplan=float(kaplan_flops_per_token(config, seq_len)),
-        chinchilla=float(chinchilla_flops_per_token(config, seq_len)),
+        six_n=6.0 * (params.active - params.embedding),
+        kaplan=kaplan,
+        chinchilla=chinchilla,
     )

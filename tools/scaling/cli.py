@@ -35,7 +35,7 @@ def add_scaling_commands(commands) -> None:
     plan.add_argument("sweep_dir", help="directory for plan.json, plan.csv and later the runs")
     kind = plan.add_mutually_exclusive_group(required=True)
     kind.add_argument("--isoflop", metavar="C1,C2,...", help="budgets (6ND FLOPs) of an IsoFLOP grid")
-    kind.add_argument("--ladder", metavar="N1,N2,...", help="target sizes (non-embedding parameters)")
+    kind.add_argument("--ladder", metavar="N1,N2,...", help="target sizes (active non-embedding parameters)")
     kind.add_argument("--budget", type=float, help="one compute-optimal run for this budget")
     plan.add_argument("--sizes-per-budget", type=int, default=4)
     plan.add_argument("--spread", type=float, default=3.0, help="IsoFLOP sizes span N*/spread .. N*·spread")
@@ -58,6 +58,14 @@ def add_scaling_commands(commands) -> None:
     plan.add_argument("--lr-scale", type=float, default=1.0, help="multiplies OLMo's learning-rate rule")
     plan.add_argument("--min-steps", type=int, default=20)
     plan.add_argument("--tie-embeddings", action="store_true")
+    moe = plan.add_argument_group("mixture of experts (N is then the active non-embedding parameters)")
+    moe.add_argument("--n-experts", type=int, default=0, help="routed experts per block (0: dense, the default)")
+    moe.add_argument("--top-k", type=int, default=2, help="experts per token")
+    width = moe.add_mutually_exclusive_group()
+    width.add_argument("--expert-d-ff", type=int, default=0, help="every expert's hidden width, for every shape")
+    width.add_argument("--expert-ffn-ratio", type=float, default=None,
+                       help="expert width = this x d_model, rounded up (default 8/3 / top_k)")
+    moe.add_argument("--shared-experts", type=int, default=0, help="always-on experts of the expert width")
     plan.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                       help="an extra override for every run (repeatable), e.g. --set train.eval_batches=16")
     plan.add_argument("--force", action="store_true", help="replace an existing plan")
@@ -89,6 +97,8 @@ def add_scaling_commands(commands) -> None:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--all-starts", action="store_true", help="L-BFGS from all 4,500 grid starts (slow)")
     fit.add_argument("--plots", default=None, metavar="DIR", help="write PNG and SVG plots here")
+    fit.add_argument("--allow-mixed", action="store_true",
+                     help="fit rows of different architectures (dense and MoE, or different n_experts/top_k) together")
     fit.set_defaults(run=_guard(_fit))
 
     predict = sub.add_parser("predict", help=HELP["predict"], description=HELP["predict"])
@@ -124,7 +134,8 @@ def _plan(args) -> int:
         tp=args.tp, aspect=args.aspect, aspect_range=(low, high), min_layers=args.min_layers,
         ffn_multiple=args.ffn_multiple, size_tolerance=args.size_tolerance, tie_embeddings=args.tie_embeddings, tokens_per_param=args.tokens_per_param,
         batch_multiple=args.batch_multiple, micro_batch=args.micro_batch, lr_scale=args.lr_scale,
-        min_steps=args.min_steps, extra=list(args.extra),
+        min_steps=args.min_steps, n_experts=args.n_experts, top_k=args.top_k, expert_d_ff=args.expert_d_ff,
+        expert_ffn_ratio=args.expert_ffn_ratio, n_shared_experts=args.shared_experts, extra=list(args.extra),
     )
     settings.validate()
     if args.isoflop:
@@ -138,11 +149,31 @@ def _plan(args) -> int:
         description = {"kind": "budget", "budget": args.budget}
     description["settings"] = {k: v for k, v in vars(settings).items()}
     base = str(Path(args.base_config).resolve()) if Path(args.base_config).is_file() else args.base_config
+    check_base_config(base, runs)
     plan = write_plan(args.sweep_dir, runs, base, description, force=args.force)
     print(format_table(runs))
     total = sum(r.flops_exact for r in runs)
     print(f"{len(runs)} runs, {total:.3g} FLOPs in all (exact count); plan in {plan.directory / 'plan.json'}")
     return 0
+
+
+def check_base_config(base: str, runs) -> None:
+    """Every run's overrides applied to the base config must build the model the plan counted
+    (a dense plan on an MoE base, or a ``--set`` that changes the model, would not)."""
+    from pretrain.config import load_config
+    from tools.scaling.ladder import active_non_embedding
+
+    for run in runs:
+        model = load_config(base, run.overrides(None)).model
+        n = active_non_embedding(model)
+        if n != run.n:
+            kind = getattr(model.ffn, "kind", type(model.ffn).__name__)
+            raise ValueError(
+                f"base config {base} with run {run.name}'s overrides builds a model with N = {n:,} active "
+                f"non-embedding parameters (ffn kind {kind}), not the planned {run.n:,}: plan MoE shapes with "
+                "--n-experts for an MoE base, use a base whose model the ladder's keys fully set, or drop "
+                "--set overrides that change the model"
+            )
 
 
 def _launch(args) -> int:
@@ -193,11 +224,15 @@ def _finite(value):
 
 
 def _fit(args) -> int:
-    from tools.scaling.fit import ScalingDataError, fit_approach2, fit_approach3, has_isoflop_structure, load_csv
+    from tools.scaling.fit import (
+        ScalingDataError, check_one_family, families, fit_approach2, fit_approach3, has_isoflop_structure, load_csv,
+    )
 
     if not 0 < args.level < 1:
         raise ValueError(f"--level must lie in (0, 1), got {args.level}")
     data = load_csv(args.csv)
+    if not args.allow_mixed:
+        check_one_family(data, args.csv)
     three = fit_approach3(data["N"], data["D"], data["loss"], n_boot=args.bootstrap, level=args.level,
                           seed=args.seed, n_starts=None if args.all_starts else 64)
     law = three.law
@@ -210,6 +245,7 @@ def _fit(args) -> int:
             skipped = str(e)
     result = {
         **law.to_dict(), "a": law.a, "b": law.b, "G": law.G if law.has_optimum else None,
+        "architectures": sorted(set(families(data))),
         "intervals": {k: list(v) for k, v in three.intervals.items()}, "level": args.level,
         "bootstrap": args.bootstrap, "rows": three.rows, "objective": three.objective, "huber_delta": 1e-3,
         "approach2_skipped": None if two is not None else skipped,

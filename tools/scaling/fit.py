@@ -97,7 +97,8 @@ class LossLaw:
 
 
 def load_csv(path) -> dict[str, np.ndarray]:
-    """Columns N, D, loss (and C when present) as float arrays; clear errors for bad input."""
+    """Columns N, D, loss (and C when present) as float arrays, and with columns n_experts / top_k
+    each row's architecture as ``family`` (see ``check_one_family``); clear errors for bad input."""
     path = Path(path)
     if not path.is_file():
         raise ScalingDataError(f"{path}: no such file")
@@ -112,8 +113,10 @@ def load_csv(path) -> dict[str, np.ndarray]:
             )
         columns = ["N", "D", "loss"] + (["C"] if "C" in header else [])
         values = {c: [] for c in columns}
+        families = []
         for line, row in enumerate(reader, start=2):
             row = {(k or "").strip(): v for k, v in row.items()}
+            families.append(_family(row, f"{path} line {line}"))
             for c in columns:
                 text = (row.get(c) or "").strip()
                 try:
@@ -124,8 +127,44 @@ def load_csv(path) -> dict[str, np.ndarray]:
                     raise ScalingDataError(f"{path} line {line}: column {c} must be positive and finite, got {text}")
                 values[c].append(x)
     data = {c: np.asarray(v, dtype=float) for c, v in values.items()}
+    if {"n_experts", "top_k"} & set(header):
+        data["family"] = np.asarray(families, dtype=object)
     check_rows(data["N"], where=str(path))
     return data
+
+
+def _family(row: dict, where: str) -> str:
+    """"dense", or "MoE E=8 k=2" from the optional columns n_experts and top_k (blank or 0
+    experts: dense)."""
+    counts = {}
+    for c in ("n_experts", "top_k"):
+        text = (row.get(c) or "").strip()
+        try:
+            counts[c] = int(float(text)) if text else 0
+        except ValueError:
+            raise ScalingDataError(f"{where}: column {c} is {text!r}, not a whole number") from None
+        if counts[c] < 0 or (text and float(text) != counts[c]):
+            raise ScalingDataError(f"{where}: column {c} must be a whole number >= 0, got {text}")
+    if not counts["n_experts"]:
+        return "dense"
+    return f"MoE E={counts['n_experts']} k={counts['top_k']}"
+
+
+def families(data: dict) -> np.ndarray:
+    """Each row's architecture; rows of a CSV without n_experts / top_k columns are dense."""
+    return data.get("family", np.full(len(data["N"]), "dense", dtype=object))
+
+
+def check_one_family(data: dict, where: str = "data") -> None:
+    """Refuse rows of different architectures (dense and MoE, or MoEs of different E or k): N is
+    active parameters, and a law in active N differs between them (docs/scaling.md)."""
+    labels, counts = np.unique(families(data), return_counts=True)
+    if len(labels) > 1:
+        found = ", ".join(f"{label} ({count} rows)" for label, count in zip(labels, counts))
+        raise ScalingDataError(
+            f"{where} mixes architectures: {found}. N is active parameters and one L(N, D) does not fit "
+            "them all: fit each separately (filter the CSV), or pass --allow-mixed to fit them together"
+        )
 
 
 def check_rows(n, where: str = "data") -> None:

@@ -1,7 +1,15 @@
 """Model ladders: shapes for a target size, training recipes by OLMo's ladder rule, IsoFLOP grids.
 
-N below is always ``non_embedding`` parameters (blocks + output head, see accounting.py), and a
-compute budget C means 6·N·D.
+N below is always the *active* non-embedding parameters (blocks + output head, see
+accounting.py; ``active_non_embedding``), and a compute budget C means 6·N·D. For a dense model
+active = all; for a mixture of experts (``n_experts`` > 0) N counts the router, the k routed
+experts and the shared experts a token uses, not the other E − k experts.
+
+Mixture of experts. With ``n_experts`` = E > 0 every block's FFN is an MoE of E experts, top-``top_k``
+routing (router softmax_topk) and ``n_shared_experts`` shared experts; each expert's width is
+``expert_d_ff`` when given, else ``expert_ffn_ratio · d_model`` rounded up to a multiple of
+``ffn_multiple · tp`` (default ratio ``ffn_ratio / top_k``: the same active FFN width as the dense
+shape). The shape search and the recipe below then use the active N.
 
 Shapes. Width is a multiple of ``head_dim · kv_ratio · tp`` so that query and key/value heads
 both divide by the tensor-parallel degree; d_ff is ``ffn_ratio · d_model`` rounded up to a
@@ -30,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 from models.attention.layer import AttentionConfig
 from models.decoder.config import DecoderConfig
+from models.ffn.moe.config import MoEConfig
 from models.ffn.swiglu import SwiGLUConfig
 from models.counting import param_counts, training_flops_per_token
 
@@ -59,6 +68,11 @@ class LadderSettings:
     micro_batch: int = 8
     lr_scale: float = 1.0
     min_steps: int = 20
+    n_experts: int = 0
+    top_k: int = 2
+    expert_d_ff: int = 0
+    expert_ffn_ratio: float | None = None
+    n_shared_experts: int = 0
     extra: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -78,23 +92,70 @@ class LadderSettings:
         for name in ("head_dim", "kv_ratio", "tp", "min_layers", "ffn_multiple", "micro_batch", "min_steps"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        errors += self._moe_problems()
         if errors:
             raise ValueError("invalid ladder settings:\n  - " + "\n  - ".join(errors))
+
+    def _moe_problems(self) -> list[str]:
+        if self.n_experts < 0:
+            return [f"n_experts must be >= 0 (0: dense), got {self.n_experts}"]
+        if not self.n_experts:
+            moe_only = {"top_k": 2, "expert_d_ff": 0, "expert_ffn_ratio": None, "n_shared_experts": 0}
+            changed = [k for k, default in moe_only.items() if getattr(self, k) != default]
+            return [f"{', '.join(changed)} apply only to a mixture of experts: set n_experts > 0"] if changed else []
+        errors = []
+        if not 1 <= self.top_k <= self.n_experts:
+            errors.append(f"top_k must be in 1..n_experts ({self.n_experts}), got {self.top_k}")
+        if self.expert_d_ff and self.expert_ffn_ratio is not None:
+            errors.append(
+                "give expert_d_ff (one width for every shape) or expert_ffn_ratio (a multiple of d_model), not both"
+            )
+        if self.expert_d_ff < 0 or (self.expert_ffn_ratio is not None and self.expert_ffn_ratio <= 0):
+            errors.append(
+                f"expert_d_ff must be >= 0 and expert_ffn_ratio > 0, got {self.expert_d_ff}, {self.expert_ffn_ratio}"
+            )
+        if self.n_shared_experts < 0:
+            errors.append(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if self.n_shared_experts and self.expert_d_ff % self.tp:
+            errors.append(
+                f"expert_d_ff {self.expert_d_ff} must divide by tp {self.tp} "
+                "(tensor parallelism shards the shared experts)"
+            )
+        return errors
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def width_unit(self) -> int:
         return self.head_dim * self.kv_ratio * self.tp
 
 
+def active_non_embedding(config) -> int:
+    """The scaling laws' N: active parameters without the input table (dense: non_embedding)."""
+    counts = param_counts(config)
+    return counts.active - counts.embedding
+
+
+def _round_up(x: float, unit: int) -> int:
+    return math.ceil(x / unit) * unit
+
+
 def model_config(d_model: int, n_layers: int, s: LadderSettings) -> DecoderConfig:
     """The decoder config of one (width, depth) under the settings' divisibility rules."""
     unit = s.ffn_multiple * s.tp
-    d_ff = math.ceil(s.ffn_ratio * d_model / unit) * unit
+    if s.moe:
+        ratio = s.ffn_ratio / s.top_k if s.expert_ffn_ratio is None else s.expert_ffn_ratio
+        width = s.expert_d_ff or _round_up(ratio * d_model, unit)
+        ffn = MoEConfig(n_experts=s.n_experts, top_k=s.top_k, d_ff=width, n_shared_experts=s.n_shared_experts)
+    else:
+        ffn = SwiGLUConfig(d_ff=_round_up(s.ffn_ratio * d_model, unit))
     n_heads = d_model // s.head_dim
     config = DecoderConfig(
         vocab_size=s.vocab_size, d_model=d_model, n_layers=n_layers, max_seq_len=s.seq_len,
         tie_embeddings=s.tie_embeddings, mixer=AttentionConfig(n_heads=n_heads, n_kv_heads=n_heads // s.kv_ratio),
-        ffn=SwiGLUConfig(d_ff=d_ff),
+        ffn=ffn,
     )
     config.validate()
     return config
@@ -109,7 +170,7 @@ def _non_embedding(d_model: int, n_layers: int, s: LadderSettings) -> int:
     shapes; building each at full depth took minutes)."""
     key = (d_model, repr(s))
     if key not in _PER_WIDTH:
-        one, two = (param_counts(model_config(d_model, n, s)).non_embedding for n in (1, 2))
+        one, two = (active_non_embedding(model_config(d_model, n, s)) for n in (1, 2))
         _PER_WIDTH[key] = (one, two - one)
     one, per_block = _PER_WIDTH[key]
     return one + (n_layers - 1) * per_block
@@ -177,6 +238,7 @@ class RunSpec:
     flops_exact: float
     budget: float | None = None
     extra: list[str] = field(default_factory=list)
+    n_active: int | None = None
 
     def overrides(self, run_dir: str | None) -> list[str]:
         """``key=value`` overrides for ``pretrain train`` (``run.dir`` unless None); ``self.extra``
@@ -209,9 +271,11 @@ class RunSpec:
 # A run's model as a flat row (the sweep tables' columns) → each field's key in the config tree.
 MODEL_FIELDS = {
     "vocab_size": "vocab_size", "d_model": "d_model", "n_layers": "n_layers", "n_heads": "mixer.n_heads",
-    "n_kv_heads": "mixer.n_kv_heads", "d_ff": "ffn.d_ff", "max_seq_len": "max_seq_len",
+    "n_kv_heads": "mixer.n_kv_heads", "ffn_kind": "ffn.kind", "d_ff": "ffn.d_ff", "n_experts": "ffn.n_experts",
+    "top_k": "ffn.top_k", "n_shared_experts": "ffn.n_shared_experts", "max_seq_len": "max_seq_len",
     "tie_embeddings": "tie_embeddings",
 }
+MOE_FIELDS = ("ffn_kind", "n_experts", "top_k", "n_shared_experts")
 
 
 def _field(config: DecoderConfig, key: str):
@@ -231,7 +295,7 @@ def _si(x: float) -> str:
 def make_run(config: DecoderConfig, tokens: float, s: LadderSettings, name: str | None = None,
              budget: float | None = None) -> RunSpec:
     """The run that trains ``config`` for about ``tokens`` tokens with the OLMo recipe."""
-    n = param_counts(config).non_embedding
+    n = active_non_embedding(config)
     batch = olmo_batch_sequences(n, s)
     fit = math.floor(tokens / (s.min_steps * s.seq_len) / s.batch_multiple) * s.batch_multiple
     batch = max(s.batch_multiple, min(batch, fit))
@@ -239,12 +303,15 @@ def make_run(config: DecoderConfig, tokens: float, s: LadderSettings, name: str 
     steps = max(1, round(tokens / batch_tokens))
     warmup = min(math.ceil(n / batch_tokens), steps // 4)
     d = steps * batch_tokens
-    model = {k: _field(config, key) for k, key in MODEL_FIELDS.items()}
+    moe = isinstance(config.ffn, MoEConfig)
+    model = {k: _field(config, key) for k, key in MODEL_FIELDS.items() if moe or k not in MOE_FIELDS}
+    counts = param_counts(config)
     return RunSpec(
-        name=name or f"N{_si(n)}_D{_si(d)}", model=model, n=n, n_total=param_counts(config).total,
+        name=name or f"N{_si(n)}_D{_si(d)}", model=model, n=n, n_total=counts.total,
         seq_len=s.seq_len, global_batch=batch, micro_batch=s.micro_batch, max_steps=steps, lr=olmo_lr(n, s),
         warmup_steps=warmup, tokens=d, flops=6.0 * n * d,
         flops_exact=float(training_flops_per_token(config, s.seq_len)) * d, budget=budget, extra=list(s.extra),
+        n_active=counts.active,
     )
 
 
@@ -253,7 +320,7 @@ def size_ladder(sizes: list[float], multiples: list[float], s: LadderSettings) -
     runs = []
     for target in sizes:
         config = shape_for_params(target, s)
-        n = param_counts(config).non_embedding
+        n = active_non_embedding(config)
         for m in multiples:
             runs.append(make_run(config, m * s.tokens_per_param * n, s, name=f"N{_si(n)}_x{m:g}"))
     return runs
@@ -262,7 +329,7 @@ def size_ladder(sizes: list[float], multiples: list[float], s: LadderSettings) -
 def budget_run(budget: float, s: LadderSettings) -> RunSpec:
     """The compute-optimal run (by ``tokens_per_param``) for a budget."""
     config = shape_for_params(compute_optimal_params(budget, s.tokens_per_param), s)
-    n = param_counts(config).non_embedding
+    n = active_non_embedding(config)
     return make_run(config, budget / (6 * n), s, name=f"C{_si(budget)}_N{_si(n)}", budget=budget)
 
 
@@ -281,6 +348,6 @@ def isoflop_grid(budgets: list[float], sizes_per_budget: int, spread: float, s: 
             if key in seen:
                 continue
             seen.add(key)
-            n = param_counts(config).non_embedding
+            n = active_non_embedding(config)
             runs.append(make_run(config, budget / (6 * n), s, name=f"C{_si(budget)}_N{_si(n)}", budget=budget))
     return runs

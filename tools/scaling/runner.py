@@ -25,10 +25,11 @@ from tools.scaling.ladder import RunSpec
 
 REPO = Path(__file__).resolve().parents[2]
 PLAN_FILE = "plan.json"
-TABLE_COLUMNS = ("name", "budget", "N", "N_total", "D", "C", "C_exact", "d_model", "n_layers", "n_heads",
-                 "n_kv_heads", "d_ff", "global_batch", "max_steps", "lr", "warmup_steps")
-RESULT_COLUMNS = ("name", "N", "N_total", "D", "C", "C_exact", "loss", "train_loss", "valid_loss", "budget",
-                  "steps", "global_batch", "lr", "d_model", "n_layers")
+TABLE_COLUMNS = ("name", "budget", "N", "N_total", "N_active", "D", "C", "C_exact", "d_model", "n_layers", "n_heads",
+                 "n_kv_heads", "d_ff", "n_experts", "top_k", "global_batch", "max_steps", "lr", "warmup_steps")
+RESULT_COLUMNS = ("name", "N", "N_total", "N_active", "D", "C", "C_exact", "loss", "train_loss", "valid_loss",
+                  "budget", "steps", "global_batch", "lr", "d_model", "n_layers", "n_experts", "top_k", "d_ff")
+MOE_TABLE_COLUMNS = ("N_active", "n_experts", "top_k")
 
 
 class PlanError(ValueError):
@@ -55,11 +56,17 @@ class Plan:
         return [known[n] for n in names]
 
 
+def _active(run: RunSpec) -> int:
+    """All active parameters, embedding included (a plan written before MoE: the total)."""
+    return run.n_total if run.n_active is None else run.n_active
+
+
 def _table_row(run: RunSpec) -> dict:
     m = run.model
     return {
         "name": run.name, "budget": "" if run.budget is None else f"{run.budget:.4g}", "N": run.n,
-        "N_total": run.n_total, "D": run.tokens, "C": f"{run.flops:.4g}", "C_exact": f"{run.flops_exact:.4g}",
+        "N_total": run.n_total, "N_active": _active(run), "n_experts": m.get("n_experts", 0),
+        "top_k": m.get("top_k", 0), "D": run.tokens, "C": f"{run.flops:.4g}", "C_exact": f"{run.flops_exact:.4g}",
         "d_model": m["d_model"], "n_layers": m["n_layers"], "n_heads": m["n_heads"], "n_kv_heads": m["n_kv_heads"],
         "d_ff": m["d_ff"], "global_batch": run.global_batch, "max_steps": run.max_steps, "lr": f"{run.lr:.4g}",
         "warmup_steps": run.warmup_steps,
@@ -102,7 +109,8 @@ def read_plan(directory) -> Plan:
 
 def format_table(runs: list[RunSpec]) -> str:
     rows = [_table_row(r) for r in runs]
-    columns = [c for c in TABLE_COLUMNS if c not in ("N_total", "C_exact", "n_kv_heads")]
+    hidden = ("N_total", "C_exact", "n_kv_heads") + (() if any(r["n_experts"] for r in rows) else MOE_TABLE_COLUMNS)
+    columns = [c for c in TABLE_COLUMNS if c not in hidden]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
     lines = ["  ".join(c.rjust(widths[c]) for c in columns)]
     lines += ["  ".join(str(r[c]).rjust(widths[c]) for c in columns) for r in rows]
@@ -274,12 +282,13 @@ def collect(plan: Plan, metric: str = "valid") -> tuple[list[dict], list[RunStat
             continue
         loss = state.valid_loss if metric == "valid" else state.train_loss
         rows.append({
-            "name": run.name, "N": run.n, "N_total": run.n_total, "D": run.tokens, "C": run.flops,
-            "C_exact": run.flops_exact, "loss": loss, "train_loss": state.train_loss,
+            "name": run.name, "N": run.n, "N_total": run.n_total, "N_active": _active(run), "D": run.tokens,
+            "C": run.flops, "C_exact": run.flops_exact, "loss": loss, "train_loss": state.train_loss,
             "valid_loss": "" if state.valid_loss is None else state.valid_loss,
             "budget": "" if run.budget is None else run.budget, "steps": state.steps,
             "global_batch": run.global_batch, "lr": run.lr, "d_model": run.model["d_model"],
-            "n_layers": run.model["n_layers"],
+            "n_layers": run.model["n_layers"], "n_experts": run.model.get("n_experts", 0),
+            "top_k": run.model.get("top_k", 0), "d_ff": run.model["d_ff"],
         })
     return rows, problems
 
