@@ -3,7 +3,7 @@ decoder (full and windowed layers), YOCO (self- and cross-decoder) and an encode
 (encoder, decoder and cross-attention); the switch changes what the forward computes with (math
 and sdpa agree through it; flex refuses CPU training through it; cudnn is refused on CPU at the
 first forward); the per-layer backends it overrides are named; YOCO's cross-decoder query and
-global-key RoPE take ``model.kernels.rope``; each GPU backend equals math on the same inputs (GPU
+global-key RoPE, and encdec's RoPE, take ``model.kernels.rope``; each GPU backend equals math on the same inputs (GPU
 only, skipped on CPU with the reason)."""
 
 from __future__ import annotations
@@ -123,22 +123,38 @@ def test_overridden_layer_backends_are_named_and_unknown_choices_refused():
     ]
 
 
-def test_yoco_cross_decoder_rope_takes_the_rope_kernel():
-    model = build_model(_switched(YOCO, None, rope="compile"))
-    slots = {type(m).__name__: m.kernel for m in model.modules() if getattr(m, "kernel_slot", None) == "rope"}
-    assert slots == {"Attention": "compile", "CrossAttention": "compile", "GlobalKV": "compile"}
+ROPE_LAYERS = {
+    "yoco": (YOCO, {"Attention", "CrossAttention", "GlobalKV"}),
+    "encdec": (dataclasses.replace(ENCDEC, position="rope"), {"T5Attention"}),
+}
+
+
+@pytest.mark.parametrize("family", list(ROPE_LAYERS))
+def test_yoco_and_encdec_rope_takes_the_rope_kernel(family):
+    """YOCO's self-attention, cross-decoder queries and global keys, and encdec's self-attention
+    rotate with ``model.kernels.rope``: compiled equals torch; liger is refused on CPU."""
+    config, layers = ROPE_LAYERS[family]
+    model = build_model(_switched(config, None, rope="compile"))
+    slots = {(type(m).__name__, m.kernel) for m in model.modules() if getattr(m, "kernel_slot", None) == "rope"}
+    assert slots == {(name, "compile") for name in layers}
     results = []
     for rope in ("torch", "compile"):
         torch.manual_seed(0)
-        model = build_model(_switched(YOCO, None, rope=rope))
-        loss = _loss("yoco", model)
+        model = build_model(_switched(config, None, rope=rope))
+        loss = _loss(family, model)
         loss.backward()
-        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+        results.append((loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert len(results[1][1]) == len(results[0][1])
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    with pytest.raises(RuntimeError, match="model.kernels.rope=liger cannot run"):
-        _loss("yoco", build_model(_switched(YOCO, None, rope="liger")))
+    for name in layers:  # each kind of layer alone on liger: its forward goes through the kernel
+        model = build_model(config)
+        for module in model.modules():
+            if type(module).__name__ == name:
+                module.kernel = "liger"
+        with pytest.raises(RuntimeError, match="model.kernels.rope=liger cannot run"):
+            _loss(family, model)
 
 
 SPECS = {
