@@ -6,8 +6,10 @@
         --kernels torch chunked               # a dry run of the same code on CPU
 
 1. Training step of the preset at ``--seq`` with micro-batch 1, one device, bf16 autocast over
-   fp32 master weights (what the trainer does on one GPU): for each attention backend
-   (``sdpa``, ``flex``, ``flash`` when flash-attn is installed) and recompute mode, median
+   fp32 master weights (what the trainer does on one GPU): for each attention backend, set for
+   every attention layer by ``model.kernels.attention`` (``sdpa``, ``cudnn`` — SDPA restricted to
+   cuDNN —, ``flex``, ``flash`` when flash-attn is installed; ``math`` on request with
+   ``--backends``, O(S²) memory) and recompute mode, median
    step time, tokens/s, model TFLOP/s and MFU (models/counting.py: active training FLOPs per
    token over the device's dense bf16 peak), and peak memory. Each variant runs in its own
    subprocess (its own peak memory; an out-of-memory variant is reported, not fatal).
@@ -15,8 +17,8 @@
    ``chunked`` (the fused chunked loss), ``compile`` (norm, SwiGLU and RoPE through
    torch.compile, chunked loss), ``liger`` (liger-kernel for all four, when installed).
 2. NCCL all-reduce bus bandwidth when several GPUs are visible (torchrun-free: mp.spawn).
-3. The GPU-only tests (they skip on CPU): attention kernels against the math reference, the
-   CUDA loss path against fp64, inductor on GPU, the kernel switch's GPU kernels against the
+3. The GPU-only tests (they skip on CPU): attention kernels against the math reference (each
+   backend of the attention switch on the same inputs included), the CUDA loss path against fp64, inductor on GPU, the kernel switch's GPU kernels against the
    pure-torch path.
 
 Needs nothing but the project installed (random tokens, no data, no network).
@@ -37,6 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from models.kernels import ATTENTION_KERNELS  # noqa: E402  (after the path: runs from a checkout)
 
 # model.kernels choices of each kernel set (the rest stay torch).
 KERNEL_SETS = {
@@ -60,7 +64,7 @@ def run_variant(preset: str, seq: int, backend: str, recompute: str, kernels: st
     from pretrain.parallel.runtime import ParallelRunner
 
     choices = [f"model.kernels.{slot}={kind}" for slot, kind in KERNEL_SETS[kernels].items()]
-    config = load_config(preset, [f"model.mixer.backend={backend}", f"data.seq_len={seq}",
+    config = load_config(preset, [f"model.kernels.attention={backend}", f"data.seq_len={seq}",
                                   f"model.max_seq_len={max(seq, 1)}", *choices])
     dev = torch.device(device)
     dims = ParallelDims.resolve(ParallelConfig(), 1)
@@ -149,7 +153,7 @@ def allreduce_table() -> list[str]:
 
 
 def gpu_tests() -> list[str]:
-    files = ["tests/models/test_attention.py", "tests/models/test_loss.py", "tests/parallel/test_compile.py",
+    files = ["tests/models/test_attention.py", "tests/models/test_attention_switch.py", "tests/models/test_loss.py", "tests/parallel/test_compile.py",
              "tests/models/test_norm.py", "tests/models/test_kernels.py", "tests/models/test_fused_loss.py"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files],
                           capture_output=True, text=True, cwd=ROOT)
@@ -164,7 +168,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--backends", nargs="+", default=None, help="default: sdpa, flex, and flash if installed")
+    parser.add_argument("--backends", nargs="+", default=None, choices=list(ATTENTION_KERNELS),
+                        help="model.kernels.attention choices; default: sdpa, cudnn, flex, and flash if installed")
     parser.add_argument("--recompute", nargs="+", default=["none", "selective", "full"])
     parser.add_argument("--kernels", nargs="+", default=None, choices=list(KERNEL_SETS),
                         help="kernel sets (SDPA, no recompute); default: torch, chunked, compile, and liger if installed")
@@ -181,7 +186,7 @@ def main() -> None:
 
     backends = args.backends
     if backends is None:
-        backends = ["sdpa", "flex"] + (["flash"] if importlib.util.find_spec("flash_attn") else [])
+        backends = ["sdpa", "cudnn", "flex"] + (["flash"] if importlib.util.find_spec("flash_attn") else [])
     kernel_sets = args.kernels
     if kernel_sets is None:
         kernel_sets = ["torch", "chunked", "compile"] + (["liger"] if importlib.util.find_spec("liger_kernel") else [])

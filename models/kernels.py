@@ -17,8 +17,15 @@ FFN product, the rotary embedding and the loss head.
 A fused loss needs the labels in the model's forward: the family passes ``labels`` and
 ``loss_mask`` (models/causal_lm.py) and the model returns per-token loss contributions instead of
 logits (see models/fused_loss.py for the layout). A forward without labels (generation) still
-returns logits. Attention kernels are chosen per mixer by ``model.mixer.backend``
-(math | sdpa | flex | flash, models/attention/backends.py).
+returns logits.
+
+- ``attention``: one backend for every attention layer of the model, whatever its family
+  (decoder self-attention, windowed or not; YOCO's cross-decoder; the encdec encoder, decoder and
+  cross-attention): ``sdpa``, ``flex``, ``flash`` (flash-attn), ``cudnn`` (torch SDPA restricted
+  to cuDNN) or ``math`` (models/attention/backends.py). Unset (default): each layer keeps its own
+  configured backend (``model.mixer.backend`` and layer overrides, ``model.cross.backend``,
+  encdec's ``model.backend``). Set, it overrides them all; :func:`attention_overrides` names the
+  per-layer settings it overrides (the run's banner prints them).
 
 An implementation that cannot run here (liger without CUDA or without the package) is refused
 with an error that says what is missing and which choice runs instead.
@@ -36,6 +43,7 @@ from models.fused_loss import linear_cross_entropy
 
 LOSS_KERNELS = ("torch", "chunked", "liger")
 OP_KERNELS = ("torch", "compile", "liger")
+ATTENTION_KERNELS = ("sdpa", "flex", "flash", "cudnn", "math")
 
 
 @dataclass
@@ -44,6 +52,7 @@ class KernelsConfig:
     swiglu: str = "torch"
     rope: str = "torch"
     loss: str = "torch"
+    attention: str | None = None
 
     def problems(self, prefix: str = "model.kernels") -> list[str]:
         errors = []
@@ -52,6 +61,11 @@ class KernelsConfig:
                 errors.append(f"{prefix}.{name} {getattr(self, name)!r} is unknown; choose one of {list(OP_KERNELS)}")
         if self.loss not in LOSS_KERNELS:
             errors.append(f"{prefix}.loss {self.loss!r} is unknown; choose one of {list(LOSS_KERNELS)}")
+        if self.attention is not None and self.attention not in ATTENTION_KERNELS:
+            errors.append(
+                f"{prefix}.attention {self.attention!r} is unknown; choose one of {list(ATTENTION_KERNELS)} "
+                "(or leave it unset for each layer's own backend)"
+            )
         return errors
 
     @property
@@ -61,11 +75,43 @@ class KernelsConfig:
 
 def apply_kernels(model: torch.nn.Module, kernels: KernelsConfig) -> None:
     """Point every module that declares a ``kernel_slot`` (``"norm"``, ``"swiglu"``, ``"rope"``)
-    at the implementation ``kernels`` chooses for it (its ``kernel`` attribute)."""
+    at the implementation ``kernels`` chooses for it (its ``kernel`` attribute), and, with
+    ``kernels.attention`` set, every attention layer (a module with an attention ``backend``) at
+    that backend."""
+    from models.attention.backends import AttentionBackend, get_backend
+
     for module in model.modules():
         slot = getattr(module, "kernel_slot", None)
         if slot is not None:
             module.kernel = getattr(kernels, slot)
+        if kernels.attention is not None and isinstance(getattr(module, "backend", None), AttentionBackend):
+            module.backend = get_backend(kernels.attention)
+
+
+def attention_overrides(model_config) -> list[str]:
+    """The per-layer attention backends (``model...backend=<name>``) that ``model.kernels.attention``
+    overrides because they differ from it; empty when it is unset."""
+    from models.configtree import to_dict
+
+    tree = to_dict(model_config)
+    chosen = tree.get("kernels", {}).get("attention")
+    if chosen is None:
+        return []
+    found = []
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "backend" and isinstance(value, str) and value != chosen:
+                    found.append(f"{path}.backend={value}")
+                elif key != "kernels":
+                    walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+
+    walk(tree, "model")
+    return found
 
 
 @functools.cache

@@ -53,3 +53,16 @@ def rotate_qk(
         q, k = liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: str = "torch") -> torch.Tensor:
+    """``apply_rope`` on one tensor [B, S, heads, head_dim] (YOCO's cross-decoder queries, its
+    global keys) by the ``kernel`` of ``model.kernels.rope``. liger-kernel's RoPE rotates a query
+    and a key tensor together; here the key is one zero head, rotated and dropped."""
+    if kernel == "compile":
+        return compiled(apply_rope)(x, cos, sin)
+    if kernel == "liger":
+        liger_rope = liger_function("liger_rope", x.device, "model.kernels.rope")
+        rotated, _ = liger_rope(x.transpose(1, 2), x.new_zeros(x.shape[0], 1, x.shape[1], x.shape[3]), cos, sin)
+        return rotated.transpose(1, 2)
+    return apply_rope(x, cos, sin)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from data.blend import parse_blend
 from data.gpt_dataset import TokenSource
 from models.counting import param_counts
+from models.kernels import attention_overrides
 from pretrain.config import Config
 from pretrain.parallel.mesh import ParallelDims
 
@@ -32,6 +33,7 @@ def run_banner(config: Config, dims: ParallelDims, data_paths: list, resumed_fro
         f"(micro-batch {train.micro_batch} per rank, {accumulation} accumulation step(s))",
         f"length  {train.max_steps:,} steps = {train.max_steps * tokens_per_step:,} tokens",
     ]
+    lines += _kernel_lines(model)
     prefixes, weights = parse_blend(data_paths)
     for prefix, weight in zip(prefixes, weights or [None] * len(prefixes), strict=True):
         share = f", weight {weight:g}" if weight is not None else ""
@@ -39,3 +41,14 @@ def run_banner(config: Config, dims: ParallelDims, data_paths: list, resumed_fro
     lines.append(f"run     {config.run.dir}")
     lines.append(f"resume  resumed from {resumed_from} at step {step}" if resumed_from else "resume  none: from step 0")
     return lines
+
+
+def _kernel_lines(model) -> list[str]:
+    """With ``model.kernels.attention`` set: the backend every attention layer runs, and the
+    per-layer backends it overrides."""
+    kernels = getattr(model, "kernels", None)
+    if kernels is None or kernels.attention is None:
+        return []
+    overrides = attention_overrides(model)
+    overridden = f" (overrides {', '.join(overrides)})" if overrides else ""
+    return [f"kernels attention={kernels.attention} in every attention layer{overridden}"]

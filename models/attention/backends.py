@@ -8,7 +8,8 @@ Which to use: ``sdpa`` everywhere by default (CPU and GPU; the flash kernel on G
 causal rows, the memory-efficient kernel with a mask otherwise); ``flex`` on GPUs for packed
 documents, windows and biases (block-sparse, compiled; no backward on CPU); ``flash`` on GPUs
 with the flash_attn package (varlen kernel for packed documents; no bias, no cross-attention
-segments); ``math`` is the fp32 reference the tests compare against — slow, memory O(S²).
+segments); ``cudnn`` is torch SDPA restricted to its cuDNN kernel (CUDA GPUs with cuDNN, fp16/bf16;
+no fallback to another kernel, so a measurement of it measures cuDNN); ``math`` is the fp32 reference the tests compare against — slow, memory O(S²).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from models.attention.spec import AttentionSpec, AttentionSpecError, dense_mask
@@ -125,6 +127,48 @@ class SDPABackend(AttentionBackend):
         return out if plan.empty_rows is None else out.masked_fill(plan.empty_rows, 0.0)
 
 
+class CudnnBackend(SDPABackend):
+    """The SDPA plans (masks, bias, empty rows as ``sdpa``) run inside
+    ``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``, KV heads always expanded. Refused at ``prepare``
+    (the first forward) where there is no CUDA device or no cuDNN, and at ``attend`` when cuDNN
+    has no kernel for the inputs (e.g. fp32)."""
+
+    name = "cudnn"
+
+    def prepare(self, spec, q_len, kv_len, device) -> SDPAPlan:
+        refusal = cudnn_refusal(device)
+        if refusal is not None:
+            raise AttentionSpecError(f"attention backend 'cudnn' cannot run: {refusal}; use sdpa")
+        return super().prepare(spec, q_len, kv_len, device)
+
+    def attend(self, q, k, v, plan: SDPAPlan) -> torch.Tensor:
+        n_heads = q.shape[1]
+        mask = plan.mask if plan.mask is None or plan.mask.dtype == torch.bool else plan.mask.to(q.dtype)
+        try:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = F.scaled_dot_product_attention(
+                    q, expand_kv(k, n_heads), expand_kv(v, n_heads), attn_mask=mask, is_causal=plan.causal,
+                    scale=plan.scale,
+                )
+        except RuntimeError as e:
+            if "No available kernel" not in str(e):
+                raise
+            raise AttentionSpecError(
+                f"attention backend 'cudnn' has no cuDNN kernel for these inputs ({q.dtype}, head_dim {q.shape[-1]}, "
+                f"{'no mask' if mask is None else 'a mask'}); cuDNN attention takes fp16/bf16; use sdpa"
+            ) from None
+        return out if plan.empty_rows is None else out.masked_fill(plan.empty_rows, 0.0)
+
+
+def cudnn_refusal(device: torch.device) -> str | None:
+    """Why torch's cuDNN attention cannot run on ``device`` (None when it can)."""
+    if device.type != "cuda":
+        return f"torch's cuDNN attention needs a CUDA GPU, and this model runs on {device.type}"
+    if not torch.backends.cudnn.is_available():
+        return "this torch build has no cuDNN"
+    return None
+
+
 @dataclass(frozen=True)
 class FlexPlan:
     block_mask: Any
@@ -180,7 +224,7 @@ class FlexBackend(AttentionBackend):
             if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
                 raise AttentionSpecError(
                     "attention backend 'flex' cannot train on CPU: FlexAttention has no backward there. "
-                    "Use model.mixer.backend=sdpa on CPU (flex is for CUDA devices)"
+                    "Use sdpa on CPU (model.kernels.attention=sdpa, or the layer's backend); flex is for CUDA devices"
                 )
             return flex_attention(q, k, v, **kwargs)
         if FlexBackend._compiled is None:
@@ -258,7 +302,9 @@ def _flash_attn():
     return flash_attn
 
 
-BACKENDS = {backend.name: backend for backend in (MathBackend(), SDPABackend(), FlexBackend(), FlashBackend())}
+BACKENDS = {
+    backend.name: backend for backend in (MathBackend(), SDPABackend(), FlexBackend(), FlashBackend(), CudnnBackend())
+}
 
 
 def get_backend(name: str) -> AttentionBackend:

@@ -34,7 +34,8 @@ from models.spec import register_mixer
 @dataclass
 class AttentionConfig(MixerConfig):
     """``head_dim`` None: d_model / n_heads. ``window`` W: each query sees the W keys ending at
-    itself (None: all earlier keys). ``backend``: math | sdpa | flex | flash. ``qk_norm_eps``: an
+    itself (None: all earlier keys). ``backend``: math | sdpa | flex | flash | cudnn
+    (``model.kernels.attention``, when set, overrides it). ``qk_norm_eps``: an
 RMSNorm with a learned gain over each head's query and key before RoPE (Qwen3, OLMoE), with
 this epsilon; None: none."""
 

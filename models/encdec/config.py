@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from models.attention.backends import BACKENDS
 from models.config import FFNConfig, LayerKinds, ModelConfig, tied_pipeline_errors
 from models.ffn.gated import GatedGELUConfig
+from models.kernels import KernelsConfig
 
 POSITIONS = ("relative", "rope")
 
@@ -25,7 +26,8 @@ class EncDecConfig(ModelConfig):
     ``max_seq_len``: the longest encoder input; ``max_target_len``: the longest decoder input.
     ``tie_embeddings``: the head is the embedding, applied to the decoder output scaled by
     d_model^-½ (as T5). ``decoder_start_id``: the token that starts every decoder input (T5: the
-    pad id 0).
+    pad id 0). ``backend``: every attention layer's backend, unless ``kernels.attention`` is set
+    (models/kernels.py); ``kernels.loss`` stays ``torch`` (no fused head in this family).
     """
 
     family: str = "encdec"
@@ -47,6 +49,12 @@ class EncDecConfig(ModelConfig):
     decoder_start_id: int = 0
     backend: str = "sdpa"
     ffn: FFNConfig = field(default_factory=lambda: GatedGELUConfig(d_ff=640))
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    @property
+    def attention_backend(self) -> str:
+        """The backend every attention layer runs: ``kernels.attention`` if set, else ``backend``."""
+        return self.kernels.attention or self.backend
 
     @property
     def n_blocks(self) -> int:
@@ -95,6 +103,12 @@ class EncDecConfig(ModelConfig):
         if not 0 <= self.decoder_start_id < self.vocab_size:
             errors.append(f"model.decoder_start_id ({self.decoder_start_id}) must be a token id < vocab_size")
         errors += self.ffn.problems("model.ffn", self.d_model)
+        errors += self.kernels.problems()
+        if self.kernels.fused_loss:
+            errors.append(
+                f"model.kernels.loss={self.kernels.loss} is not available in the encdec family (its head has no "
+                "fused loss); use model.kernels.loss=torch"
+            )
         return errors
 
     def tp_sizes(self) -> dict[str, int]:

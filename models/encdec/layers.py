@@ -24,7 +24,7 @@ from models.context import ForwardContext
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Colwise, GatherInputs, Rowwise, Tokenwise
-from models.rope import apply_rope
+from models.rope import rotate_qk
 
 ROLES = ("encoder", "decoder", "cross")
 
@@ -65,12 +65,15 @@ class StaticKV:
 
 
 class T5Attention(nn.Module):
+    kernel_slot = "rope"  # model.kernels.rope chooses ``kernel``, the self-attention RoPE (models/kernels.py)
+
     def __init__(self, d_model: int, n_heads: int, head_dim: int, backend: str, role: str, layer_id: int):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"attention role {role!r} is not one of {ROLES}")
         self.n_heads, self.head_dim, self.role, self.layer_id = n_heads, head_dim, role, layer_id
         self.window = None
+        self.kernel = "torch"
         self.backend = get_backend(backend)
         self.wq = Linear(d_model, n_heads * head_dim)
         self.wk = Linear(d_model, n_heads * head_dim)
@@ -128,7 +131,7 @@ class T5Attention(nn.Module):
             k, v = self._heads(self.wk(x)), self._heads(self.wv(x))
             if self.head_dim in ctx.rope:
                 cos, sin = ctx.rope[self.head_dim]
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                q, k = rotate_qk(q, k, cos, sin, self.kernel)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if state is not None:
                 k, v = state.append(k, v)

@@ -29,6 +29,7 @@ from models.attention.spec import AttentionSpec
 from models.context import DecodeState
 from models.encdec.layers import DecoderBlock, EncDecContext, EncoderBlock, MemoryInput, T5Attention
 from models.encdec.position import RelativeBias, relative_bucket
+from models.kernels import apply_kernels
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Tokenwise, VocabEmbedding, VocabHead
@@ -75,6 +76,7 @@ class EncoderDecoder(nn.Module):
         })
         self.decoder_norm = RMSNorm(d, config.norm_eps)
         self.head = Linear(d, config.vocab_size)
+        apply_kernels(self, config.kernels)
         self.init_weights()
 
     # ------------------------------------------------------------ structure
@@ -142,7 +144,7 @@ class EncoderDecoder(nn.Module):
 
     # -------------------------------------------------------------- forward
     def _attention(self, role: str, spec: AttentionSpec, q_len: int, kv_len: int, device) -> dict:
-        backend = get_backend(self.config.backend)
+        backend = get_backend(self.config.attention_backend)
         return {(role, backend.name): backend.prepare(spec, q_len, kv_len, device)}
 
     def _rope(self, positions: torch.Tensor, dtype) -> dict:

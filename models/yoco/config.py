@@ -14,7 +14,7 @@ from models.kernels import KernelsConfig
 class CrossAttentionConfig:
     """The cross-decoder's attention over the one global K,V: query heads ``n_heads`` (K,V
     have ``n_kv_heads``, made once by the global KV projection); head dimension
-    d_model / n_heads."""
+    d_model / n_heads. ``backend``: unless ``model.kernels.attention`` is set (it overrides it)."""
 
     n_heads: int = 8
     n_kv_heads: int = 4

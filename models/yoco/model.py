@@ -35,7 +35,7 @@ from models.kernels import apply_kernels, head_loss
 from models.linear import Linear
 from models.norm import RMSNorm
 from models.plans import Colwise, GatherInputs, Rowwise, Tokenwise, VocabEmbedding, VocabHead
-from models.rope import apply_rope, rope_tables
+from models.rope import rope_tables, rotate
 from models.spec import LossSettings, build_ffn, build_mixer
 
 GLOBAL_KV = "global_kv"  # the decode state's key of the global K,V cache
@@ -44,9 +44,12 @@ GLOBAL_KV = "global_kv"  # the decode state's key of the global K,V cache
 class CrossAttention(nn.Module):
     """Queries of this block against the shared K,V of the forward context (no K/V weights)."""
 
+    kernel_slot = "rope"  # model.kernels.rope chooses ``kernel``, the query RoPE (models/kernels.py)
+
     def __init__(self, d_model: int, n_heads: int, head_dim: int, backend: str):
         super().__init__()
         self.head_dim, self.n_heads, self.window = head_dim, n_heads, None
+        self.kernel = "torch"
         self.backend = get_backend(backend)
         self.wq = Linear(d_model, n_heads * head_dim)
         self.wo = Linear(n_heads * head_dim, d_model)
@@ -70,7 +73,7 @@ class CrossAttention(nn.Module):
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         cos, sin = ctx.rope[self.head_dim]
-        q = apply_rope(q, cos, sin).transpose(1, 2)
+        q = rotate(q, cos, sin, self.kernel).transpose(1, 2)
         k, v = ctx.shared_kv
         out = self.backend.attend(q, k, v, ctx.attention[self.attention_key])
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
@@ -79,9 +82,12 @@ class CrossAttention(nn.Module):
 class GlobalKV(nn.Module):
     """The one K/V projection pair: [B, Hkv, S, D] keys (with RoPE) and values."""
 
+    kernel_slot = "rope"  # model.kernels.rope chooses ``kernel``, the key RoPE (models/kernels.py)
+
     def __init__(self, d_model: int, n_kv_heads: int, head_dim: int):
         super().__init__()
         self.head_dim = head_dim
+        self.kernel = "torch"
         self.wk = Linear(d_model, n_kv_heads * head_dim)
         self.wv = Linear(d_model, n_kv_heads * head_dim)
 
@@ -90,7 +96,7 @@ class GlobalKV(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, seq, _ = x.shape
-        k = apply_rope(self.wk(x).view(batch, seq, -1, self.head_dim), cos, sin)
+        k = rotate(self.wk(x).view(batch, seq, -1, self.head_dim), cos, sin, self.kernel)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         return k.transpose(1, 2), v.transpose(1, 2)
 

@@ -207,7 +207,7 @@ def test_spec_rejects_inconsistent_segments():
 
 
 def test_backend_registry_and_errors():
-    assert set(BACKENDS) == {"math", "sdpa", "flex", "flash"}
+    assert set(BACKENDS) == {"math", "sdpa", "flex", "flash", "cudnn"}
     with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
         get_backend("xformers")
 

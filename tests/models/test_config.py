@@ -31,7 +31,7 @@ def test_defaults_are_the_tiny_preset_and_valid():
         (dict(vocab_size=0), r"model.vocab_size must be a positive integer, got 0"),
         (dict(ffn=SwiGLUConfig(d_ff=-4)), r"model.ffn.d_ff must be a positive integer"),
         (dict(norm_eps=0.0), r"model.norm_eps must be > 0"),
-        (dict(mixer=AttentionConfig(backend="xformers")), r"model.mixer.backend 'xformers' is unknown; choose one of \['flash', 'flex', 'math', 'sdpa'\]"),
+        (dict(mixer=AttentionConfig(backend="xformers")), r"model.mixer.backend 'xformers' is unknown; choose one of \['cudnn', 'flash', 'flex', 'math', 'sdpa'\]"),
         (dict(mixer=AttentionConfig(window=0)), r"model.mixer.window must be >= 1"),
     ],
 )

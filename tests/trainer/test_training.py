@@ -4,6 +4,7 @@ after SIGKILL is bit-exact, SIGUSR1 checkpoints and exits 75, and bad input fail
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -220,6 +221,7 @@ def test_non_finite_steps_are_skipped_then_stop(cache, tmp_path):
         (["model.mixer.n_heads=3"], "model.mixer.n_heads"),
         (["model.n_heads=4"], "'model.n_heads' has moved: it is now 'model.mixer.n_heads'"),
         (["train.max_steps=100000"], "Set data.allow_repeat=true"),
+        (["model.kernels.attention=xformers"], "model.kernels.attention 'xformers' is unknown"),
     ],
 )
 def test_bad_configs_fail_with_one_clear_line(cache, tmp_path, monkeypatch, capsys, overrides, message):
@@ -251,6 +253,11 @@ def test_the_banner_states_the_run(cache, tmp_path):
     manifest = json.loads((Path(shards) / "manifest.json").read_text())
     assert f"data    {shards} ({manifest['tokens']:,} tokens)" in lines, lines
     assert lines[-1] == "resume  none: from step 0"
+    assert not [line for line in lines if line.startswith("kernels")], lines
+    kernels = dataclasses.replace(trainer.config.model.kernels, attention="math")
+    switched = dataclasses.replace(trainer.config, model=dataclasses.replace(trainer.config.model, kernels=kernels))
+    lines = run_banner(switched, trainer.dims, trainer.data.paths, None, 0)
+    assert "kernels attention=math in every attention layer (overrides model.mixer.backend=sdpa)" in lines, lines
 
 
 def test_diverging_run_stops_with_one_error_line_and_status_3(cache, tmp_path, monkeypatch, capsys):
