@@ -124,6 +124,11 @@ def args_from_config(config) -> dict:
 def _check_exportable(config) -> None:
     from models.decoder.hf import LLAMA_ADAPTER
 
+    if getattr(config, "ffn", None) is not None and config.ffn.kind == "moe":
+        raise ConversionError(
+            "cannot write a Megatron GPT checkpoint of an MoE model: its MoE layout (router, experts) is not mapped; "
+            "convert to hf (Mixtral or Qwen3-MoE) or safetensors instead"
+        )
     problem = LLAMA_ADAPTER.refusal(config)
     if problem:
         raise ConversionError(f"cannot write a Megatron GPT checkpoint: {problem}; convert to safetensors instead")
