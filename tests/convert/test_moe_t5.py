@@ -131,9 +131,9 @@ def test_a_missing_expert_file_entry_is_named(saved, tmp_path):
         convert("hf", "dcp", tmp_path / "hf", tmp_path / "back")
 
 
-def test_moe_to_megatron_is_refused_in_one_line(saved, tmp_path):
-    with pytest.raises(ConversionError, match="MoE model") as error:
-        convert("dcp", "megatron", saved / "mixtral-tp2", tmp_path / "megatron")
+def test_an_moe_megatron_cannot_hold_is_refused_in_one_line(saved, tmp_path):
+    with pytest.raises(ConversionError, match="of this MoE model: query/key norms") as error:
+        convert("dcp", "megatron", saved / "qwen3_moe-fsdp2", tmp_path / "megatron")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "megatron").exists() and list(tmp_path.iterdir()) == []
 
