@@ -1,7 +1,8 @@
 """Megatron-core torch_dist checkpoints: one written by megatron-core's own GPTModel and
 ``dist_checkpointing`` on CPU (TP1 and TP2 over gloo) imports to our model with megatron-core's
 logits; our export is loaded by megatron-core's ``dist_checkpointing.load`` into its GPTModel,
-which then gives our logits; the round trip dcp → megatron → dcp is bit-exact."""
+which then gives our logits; the round trip dcp → megatron → dcp is bit-exact. The same for a
+Mixtral-style MoE model against megatron-core's MoE GPT (SequentialMLP experts, TP1)."""
 
 from __future__ import annotations
 
