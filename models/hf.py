@@ -6,6 +6,10 @@ An adapter lists its tensors as :class:`TensorRule`s, patterns with ``{i}`` for 
 each way (identity for a plain renaming). Rules are per tensor, so a converter can stream a
 checkpoint one tensor at a time. Tensors shared by several of our names (tied embeddings) are
 listed in ``aliases``: the alias is written from, and read back as, its source.
+
+``disk_map`` is the layout ``save_pretrained`` writes, when it differs from the in-memory one
+``tensor_map`` describes: a tensor we hold stacked (MoE experts ``[E, ...]``) may be stored by
+HF as one tensor per slice along dim 0 (``TensorMap.stacked``), still one of ours at a time.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ class TensorRule:
 class TensorMap:
     """The concrete rules of one model shape: ``ours`` name → (HF name, rule); ``aliases``:
     our name → the our name it shares storage with (present in ``ours`` itself); ``hf_aliases``
-    likewise for HF names."""
+    likewise for HF names; ``stacked``: our name → the HF names of its slices along dim 0, in
+    order (``ours[e]`` is HF's ``stacked[ours][e]``), for tensors not in ``rules``."""
 
     rules: dict[str, tuple[str, TensorRule]]
     aliases: dict[str, str] = field(default_factory=dict)
     hf_aliases: dict[str, str] = field(default_factory=dict)
+    stacked: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class HFAdapter:
@@ -53,6 +59,10 @@ class HFAdapter:
 
     def tensor_map(self, config) -> TensorMap:
         raise NotImplementedError
+
+    def disk_map(self, config) -> TensorMap:
+        """The tensors as ``save_pretrained`` writes them; the in-memory map unless overridden."""
+        return self.tensor_map(config)
 
     # ----------------------------------------------------------- state dicts
     def state_to_hf(self, state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:

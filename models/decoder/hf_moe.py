@@ -9,8 +9,10 @@ Llama (models/decoder/hf.py). Per MoE block (transformers 5 in-memory layout, fu
     layers.<i>.ffn.routed.experts.w2 [E, d, f]         model.layers.<i>.mlp.experts.down_proj
 
 ``save_pretrained`` writes the per-expert on-disk layout itself (Mixtral
-``block_sparse_moe.experts.<e>.w1/w2/w3``, Qwen3-MoE ``mlp.experts.<e>.{gate,up,down}_proj``)
-and ``from_pretrained`` fuses it again, so a model converted here saves and loads offline.
+``block_sparse_moe.experts.<e>.w1/w2/w3`` and ``block_sparse_moe.gate``, Qwen3-MoE
+``mlp.experts.<e>.{gate,up,down}_proj``) and ``from_pretrained`` fuses it again, so a model
+converted here saves and loads offline. ``disk_map`` is that layout: our w1 / w3 / w2 ``[E, ...]``
+stacked from the per-expert tensors (``TensorMap.stacked``), for conversions that stream files.
 
 - Mixtral: router ``topk_softmax`` (softmax over the top-k logits, which equals HF's softmax,
   top-k, renormalise), every block MoE, no shared experts.
@@ -50,6 +52,8 @@ _GATE_UP = "model.layers.{i}.mlp.experts.gate_up_proj"
 class _MoEAdapter(HFAdapter):
     router = ""
     qk_norm = False
+    disk_block = "mlp"
+    disk_experts = ("gate_proj", "up_proj", "down_proj")
 
     def refusal(self, config) -> str | None:
         if config.family != "decoder":
@@ -129,6 +133,20 @@ class _MoEAdapter(HFAdapter):
         rules.update(expand_rules([HEAD], config.n_layers))
         return TensorMap(rules)
 
+    def disk_map(self, config) -> TensorMap:
+        """The per-expert layout of ``save_pretrained``: each of w1, w3, w2 stacked from E tensors."""
+        memory = self.tensor_map(config)
+        rules, stacked = dict(memory.rules), {}
+        for i in self._moe_layers(config):
+            block = f"model.layers.{i}.{self.disk_block}"
+            del rules[_MOE[1].ours.format(i=i)]
+            gate = _MOE[0].ours.format(i=i)
+            rules[gate] = (f"{block}.gate.weight", rules[gate][1])
+            for ours, theirs in zip((_GATE, _UP, _MOE[1].ours), self.disk_experts):
+                names = tuple(f"{block}.experts.{e}.{theirs}.weight" for e in range(config.ffn.n_experts))
+                stacked[ours.format(i=i)] = names
+        return TensorMap(rules, memory.aliases, memory.hf_aliases, stacked)
+
     def state_to_hf(self, state, config) -> dict[str, torch.Tensor]:
         state, fused = dict(state), {}
         for i in self._moe_layers(config):
@@ -147,6 +165,8 @@ class _MoEAdapter(HFAdapter):
 class MixtralAdapter(_MoEAdapter):
     architecture = "MixtralForCausalLM"
     router = "topk_softmax"
+    disk_block = "block_sparse_moe"
+    disk_experts = ("w1", "w3", "w2")
 
     def _ffn_refusal(self, ffn: MoEConfig) -> str | None:
         return "dense first blocks (every Mixtral block is MoE)" if ffn.first_dense_layers else None

@@ -219,7 +219,8 @@ def write_dcp(weights: Weights, out_dir: Path, batch_bytes: int, on_tensor=None)
     (checkpoint / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     (out_dir / "checkpoints" / LATEST).write_text(checkpoint.name + "\n")
     if weights.tokenizer is not None:
-        shutil.copyfile(weights.tokenizer, out_dir / weights.tokenizer.name)
+        name = "tokenizer.model" if weights.tokenizer.suffix == ".model" else weights.tokenizer.name
+        shutil.copyfile(weights.tokenizer, out_dir / name)
     return sums
 
 

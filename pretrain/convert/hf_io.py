@@ -45,25 +45,32 @@ def _plan_shards(entries: dict[str, tuple[tuple, torch.dtype]], shard_bytes: int
     return shards
 
 
+def _pieces(tmap, ours: str) -> list[tuple[str, object]]:
+    """The HF tensors one of ours is written as: (HF name, transform of our tensor)."""
+    if ours in tmap.stacked:
+        return [(theirs, lambda t, e=e: t[e]) for e, theirs in enumerate(tmap.stacked[ours])]
+    theirs, rule = tmap.rules[ours]
+    return [(theirs, rule.to_hf)]
+
+
 def write_hf(weights: Weights, out_dir: Path, shard_bytes: int, on_tensor=None) -> dict[str, str]:
-    """Write ``weights`` as an HF model directory; returns each HF tensor's checksum."""
+    """Write ``weights`` as an HF model directory in the layout ``save_pretrained`` writes
+    (the adapter's ``disk_map``); returns each HF tensor's checksum."""
     from pretrain.convert.tokenizer import write_hf_tokenizer
 
     adapter = _adapter_for(weights.config)
-    tmap = adapter.tensor_map(weights.config)
-    order = [ours for ours in weights.listing if ours not in tmap.aliases]
+    tmap = adapter.disk_map(weights.config)
+    pieces = {ours: _pieces(tmap, ours) for ours in weights.listing if ours not in tmap.aliases}
     entries: dict[str, tuple[tuple, torch.dtype]] = {}
-    theirs_of = {}
-    for ours in order:
-        theirs, rule = tmap.rules[ours]
+    for ours, parts in pieces.items():
         shape, dtype = weights.listing[ours]
-        out = rule.to_hf(torch.empty(shape, dtype=dtype, device="meta"))
-        entries[theirs] = (tuple(out.shape), out.dtype)
-        theirs_of[ours] = (theirs, rule)
+        for theirs, piece in parts:
+            out = piece(torch.empty(shape, dtype=dtype, device="meta"))
+            entries[theirs] = (tuple(out.shape), out.dtype)
     shards = _plan_shards(entries, shard_bytes)
     files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     weight_map = {name: files[k] for k, names in enumerate(shards) for name in names}
-    special = write_hf_tokenizer(weights.tokenizer, out_dir, weights.config.max_seq_len)
+    special = write_hf_tokenizer(weights.tokenizer, out_dir, weights.config)
     _write_configs(adapter, weights, out_dir, special)
     sums: dict[str, str] = {}
     writer, shard = None, -1
@@ -71,20 +78,21 @@ def write_hf(weights: Weights, out_dir: Path, shard_bytes: int, on_tensor=None) 
         for ours, tensor in weights.read():
             if ours in tmap.aliases:
                 continue
-            theirs, rule = theirs_of[ours]
-            if weight_map[theirs] != (files[shard] if shard >= 0 else None):
-                if writer is not None:
-                    writer.close()
-                shard += 1
-                writer = SafetensorsWriter(
-                    out_dir / files[shard], {n: entries[n] for n in shards[shard]}, {"format": "pt"}
-                )
-            out = rule.to_hf(tensor).contiguous()
-            writer.write(theirs, out)
-            sums[theirs] = (out.dtype, tuple(out.shape), checksum(out))
+            for theirs, piece in pieces[ours]:
+                if weight_map[theirs] != (files[shard] if shard >= 0 else None):
+                    if writer is not None:
+                        writer.close()
+                    shard += 1
+                    writer = SafetensorsWriter(
+                        out_dir / files[shard], {n: entries[n] for n in shards[shard]}, {"format": "pt"}
+                    )
+                out = piece(tensor).contiguous()
+                writer.write(theirs, out)
+                sums[theirs] = (out.dtype, tuple(out.shape), checksum(out))
+                del out
             if on_tensor:
                 on_tensor(ours, tensor)
-            del tensor, out
+            del tensor
         writer.close()
     except BaseException:
         if writer is not None:
@@ -108,6 +116,8 @@ def _write_configs(adapter, weights: Weights, out_dir: Path, special: dict) -> N
         setattr(hf_config, f"{role}_token_id", special.get(f"{role}_token_id"))
     hf_config.save_pretrained(out_dir)
     generation = {k: v for k, v in special.items() if v is not None}
+    if getattr(hf_config, "decoder_start_token_id", None) is not None:
+        generation["decoder_start_token_id"] = hf_config.decoder_start_token_id
     GenerationConfig(**generation).save_pretrained(out_dir)
 
 
@@ -154,16 +164,19 @@ def read_hf(path: str | os.PathLike) -> Weights:
         config = adapter.config_from_hf(hf_config)
     except ValueError as e:
         raise ConversionError(f"{directory}: {e}") from None
-    tmap = adapter.tensor_map(config)
+    tmap = adapter.disk_map(config)
     files = hf_files(directory)
-    wanted = {theirs: (ours, rule) for ours, (theirs, rule) in tmap.rules.items() if ours not in tmap.aliases}
-    unexpected = [n for n in files if n not in wanted and n not in tmap.hf_aliases]
+    sources = {ours: [theirs] for ours, (theirs, _) in tmap.rules.items() if ours not in tmap.aliases}
+    sources.update({ours: list(names) for ours, names in tmap.stacked.items()})
+    needed = [theirs for names in sources.values() for theirs in names]
+    known = {*needed, *tmap.hf_aliases}
+    unexpected = [n for n in files if n not in known]
     if unexpected:
         raise ConversionError(
             f"{directory} holds tensor {unexpected[0]} ({len(unexpected)} unexpected) that {adapter.architecture} with "
             "this config.json does not have; the config does not describe these weights"
         )
-    missing = [n for n in wanted if n not in files]
+    missing = [n for n in needed if n not in files]
     if missing:
         raise ConversionError(
             f"{directory} lacks tensor {missing[0]} ({len(missing)} missing) that its config.json implies; "
@@ -171,20 +184,39 @@ def read_hf(path: str | os.PathLike) -> Weights:
         )
     readers = {f: SafetensorsReader(directory / f) for f in sorted(set(files.values()))}
     listing = {}
-    for theirs, (ours, rule) in wanted.items():
-        shape, dtype = readers[files[theirs]].meta(theirs)
-        out = rule.from_hf(torch.empty(shape, dtype=dtype, device="meta"))
-        listing[ours] = (tuple(out.shape), out.dtype)
+    for ours in _model_order(config, sources):
+        metas = {readers[files[n]].meta(n) for n in sources[ours]}
+        if len(metas) != 1:
+            raise ConversionError(
+                f"{directory}: the tensors stacked into {ours} ({sources[ours][0]}...) differ in shape or dtype; "
+                "the checkpoint is corrupt"
+            )
+        shape, dtype = metas.pop()
+        if ours in tmap.stacked:
+            listing[ours] = ((len(sources[ours]), *shape), dtype)
+        else:
+            out = tmap.rules[ours][1].from_hf(torch.empty(shape, dtype=dtype, device="meta"))
+            listing[ours] = (tuple(out.shape), out.dtype)
     check_against_config(listing, config, str(directory))
 
-    def read() -> Iterator[tuple[str, torch.Tensor]]:
-        for theirs, (ours, rule) in wanted.items():
-            yield ours, rule.from_hf(readers[files[theirs]].get(theirs)).contiguous()
-
     def fetch(name: str) -> torch.Tensor:
+        if name in tmap.stacked:
+            return torch.stack([readers[files[n]].get(n) for n in tmap.stacked[name]])
         theirs, rule = tmap.rules[name]
         return rule.from_hf(readers[files[theirs]].get(theirs)).contiguous()
 
-    tokenizer = next((directory / n for n in ("tokenizer.model", "tokenizer.json") if (directory / n).is_file()), None)
+    def read() -> Iterator[tuple[str, torch.Tensor]]:
+        for ours in listing:
+            yield ours, fetch(ours)
+
+    names = ("tokenizer.model", "spiece.model", "tokenizer.json")
+    tokenizer = next((directory / n for n in names if (directory / n).is_file()), None)
     return Weights(config, listing, read, tokenizer, None, str(directory), fetch=fetch)
 
+
+def _model_order(config, sources: dict) -> list[str]:
+    """Our names of ``sources`` in the order the model holds them (unknown names last)."""
+    from pretrain.convert.weights import expected_names
+
+    rank = {name: k for k, name in enumerate(expected_names(config)[0])}
+    return sorted(sources, key=lambda name: rank.get(name, len(rank)))

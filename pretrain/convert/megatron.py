@@ -1,5 +1,5 @@
 """Megatron-core ``torch_dist`` GPT checkpoints (import and export) for Llama-style decoders
-(RMSNorm, SwiGLU, RoPE, no biases, dense FFN).
+(RMSNorm, SwiGLU, RoPE, no biases, dense FFN) and their Mixtral-style MoE form.
 
 A torch_dist checkpoint is a DCP checkpoint (``.metadata``, ``__<rank>_<i>.distcp``) plus
 ``metadata.json`` (the backend) and ``common.pt`` (Megatron-LM keeps its ``args`` there). Its
@@ -16,6 +16,13 @@ stacked on a leading dimension:
     decoder.layers.mlp.linear_fc2.weight                   layers.i.ffn.w2.weight
     decoder.final_layernorm.weight                         norm.weight
     output_layer.weight                                    head.weight (absent when tied)
+
+An MoE model (megatron-core's local spec, ``SequentialMLP`` experts, router softmax over the
+top-k logits = ``moe_router_pre_softmax`` off = our ``topk_softmax``) has instead of linear_fc1/2:
+
+    decoder.layers.mlp.router.weight [L, E, H]                     layers.i.ffn.routed.router.gate.weight
+    decoder.layers.mlp.experts.experts.linear_fc1.weight [L, E, 2F, H]  [w1; w3] on dim 1
+    decoder.layers.mlp.experts.experts.linear_fc2.weight [L, E, H, F]   layers.i.ffn.routed.experts.w2
 
 A Megatron-LM directory (``latest_checkpointed_iteration.txt`` + ``iter_NNNNNNN/``) or an
 iteration directory itself is accepted. The model config comes from ``common.pt``'s ``args``
@@ -45,6 +52,8 @@ P = "decoder.layers."
 EMBED, FINAL, OUTPUT = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"
 QKV, PROJ = P + "self_attention.linear_qkv.weight", P + "self_attention.linear_proj.weight"
 FC1, FC2 = P + "mlp.linear_fc1.weight", P + "mlp.linear_fc2.weight"
+ROUTER = P + "mlp.router.weight"
+EXPERTS_FC1, EXPERTS_FC2 = P + "mlp.experts.experts.linear_fc1.weight", P + "mlp.experts.experts.linear_fc2.weight"
 NORM1, NORM2 = P + "self_attention.linear_qkv.layer_norm_weight", P + "mlp.linear_fc1.layer_norm_weight"
 LOCAL_NAMES = {P + "input_layernorm.weight": NORM1, P + "pre_mlp_layernorm.weight": NORM2}
 LATEST = "latest_checkpointed_iteration.txt"
@@ -88,7 +97,7 @@ def config_from_args(args) -> object:
     if a.get("position_embedding_type", "rope") != "rope":
         problems.append(f"position_embedding_type={a.get('position_embedding_type')!r} (only rope)")
     if a.get("num_experts"):
-        problems.append("MoE layers (num_experts)")
+        problems += _moe_problems(a)
     if problems:
         raise ConversionError("unknown Megatron layout for our decoder: " + "; ".join(problems))
     heads = a["num_attention_heads"]
@@ -100,10 +109,39 @@ def config_from_args(args) -> object:
         norm_eps=float(a.get("norm_epsilon", 1e-5)), tie_embeddings=not a.get("untie_embeddings_and_output_weights", False),
         init_std=float(a.get("init_method_std", 0.02)),
         mixer=AttentionConfig(n_heads=heads, n_kv_heads=groups, head_dim=None if head_dim == a["hidden_size"] // heads else head_dim),
-        ffn=SwiGLUConfig(d_ff=a["ffn_hidden_size"]),
+        ffn=_moe_from_args(a) if a.get("num_experts") else SwiGLUConfig(d_ff=a["ffn_hidden_size"]),
     )
     config.validate()
     return config
+
+
+def _moe_problems(a: dict) -> list[str]:
+    problems = []
+    if a.get("moe_router_pre_softmax", False) or a.get("moe_router_score_function", "softmax") != "softmax":
+        problems.append("an MoE router other than softmax over the top-k logits")
+    if a.get("moe_shared_expert_intermediate_size"):
+        problems.append("shared experts")
+    if a.get("moe_layer_freq", 1) != 1:
+        problems.append("dense layers between MoE layers (moe_layer_freq)")
+    if a.get("moe_expert_capacity_factor") is not None:
+        problems.append("an expert capacity factor")
+    if a.get("moe_router_enable_expert_bias", False) or a.get("moe_router_topk_scaling_factor") is not None:
+        problems.append("router expert bias or top-k scaling")
+    return problems
+
+
+def _moe_from_args(a: dict):
+    from models.ffn.moe.config import MoEConfig
+
+    return MoEConfig(
+        n_experts=a["num_experts"], top_k=a.get("moe_router_topk", 2),
+        d_ff=a.get("moe_ffn_hidden_size") or a["ffn_hidden_size"], router="topk_softmax",
+        aux_loss_coef=float(a.get("moe_aux_loss_coeff") or 0.0), z_loss_coef=float(a.get("moe_z_loss_coeff") or 0.0),
+    )
+
+
+def _is_moe(config) -> bool:
+    return config.ffn.kind == "moe"
 
 
 def args_from_config(config) -> dict:
@@ -118,12 +156,32 @@ def args_from_config(config) -> dict:
         norm_epsilon=config.norm_eps, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
         position_embedding_type="rope", untie_embeddings_and_output_weights=not config.tie_embeddings,
         init_method_std=config.init_std,
+        **(_moe_args(config.ffn) if _is_moe(config) else {}),
+    )
+
+
+def _moe_args(ffn) -> dict:
+    return dict(
+        num_experts=ffn.n_experts, moe_router_topk=ffn.top_k, moe_ffn_hidden_size=ffn.d_ff,
+        moe_router_pre_softmax=False, moe_router_score_function="softmax", moe_grouped_gemm=False,
+        moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=ffn.aux_loss_coef, moe_z_loss_coeff=ffn.z_loss_coef or None,
     )
 
 
 def _check_exportable(config) -> None:
     from models.decoder.hf import LLAMA_ADAPTER
 
+    if getattr(config, "ffn", None) is not None and _is_moe(config):
+        from models.decoder.hf_moe import MIXTRAL_ADAPTER
+
+        problem = MIXTRAL_ADAPTER.refusal(config)
+        if problem:
+            raise ConversionError(
+                f"cannot write a Megatron GPT checkpoint of this MoE model: {problem} (only Mixtral-style MoE maps); "
+                "convert to hf or safetensors instead"
+            )
+        return
     problem = LLAMA_ADAPTER.refusal(config)
     if problem:
         raise ConversionError(f"cannot write a Megatron GPT checkpoint: {problem}; convert to safetensors instead")
@@ -159,9 +217,20 @@ def _layer_kinds(config):
          lambda ts: fuse_qkv(*ts, config)),
         (PROJ, ["mixer.wo.weight"], lambda t: [t], lambda ts: ts[0]),
         (NORM2, ["ffn_norm.weight"], lambda t: [t], lambda ts: ts[0]),
+    ] + (_moe_kinds(ffn) if _is_moe(config) else [
         (FC1, ["ffn.w1.weight", "ffn.w3.weight"], lambda t: [t[:ffn].contiguous(), t[ffn:].contiguous()],
          lambda ts: torch.cat(ts, 0)),
         (FC2, ["ffn.w2.weight"], lambda t: [t], lambda ts: ts[0]),
+    ])
+
+
+def _moe_kinds(ffn: int):
+    experts = "ffn.routed.experts."
+    return [
+        (ROUTER, ["ffn.routed.router.gate.weight"], lambda t: [t], lambda ts: ts[0]),
+        (EXPERTS_FC1, [experts + "w1", experts + "w3"], lambda t: [t[:, :ffn].contiguous(), t[:, ffn:].contiguous()],
+         lambda ts: torch.cat(ts, 1)),
+        (EXPERTS_FC2, [experts + "w2"], lambda t: [t], lambda ts: ts[0]),
     ]
 
 
@@ -189,7 +258,7 @@ def read_megatron(path: str | os.PathLike, model_config=None) -> Weights:
     if unknown:
         raise ConversionError(
             f"unknown Megatron layout: tensor {unknown[0]} ({len(unknown)} unrecognised); only Llama-style GPT checkpoints "
-            "(RMSNorm, SwiGLU, RoPE, no biases, dense MLP) convert"
+            "(RMSNorm, SwiGLU, RoPE, no biases, dense or Mixtral-style MoE MLP) convert"
         )
     for key in [EMBED, FINAL, *(kind[0] for kind in kinds)] + ([] if config.tie_embeddings else [OUTPUT]):
         if key not in tensors:
@@ -274,10 +343,17 @@ def write_megatron(weights: Weights, out_dir: Path, batch_bytes: int, on_tensor=
             sums[key] = checksum(stacked)
             yield key, stacked
             del stacked
-        for module in EXTRA_STATE_MODULES:
+        modules = EXTRA_STATE_MODULES[:2] if _is_moe(config) else EXTRA_STATE_MODULES
+        for module in modules:
             for i in range(n_layers):
                 # an empty extra state, as megatron-core stores sharded objects: a list of their data
                 yield f"{P}{module}._extra_state/shard_{i}_{n_layers}", [None]
+        if _is_moe(config):
+            n = config.ffn.n_experts
+            for fc in ("linear_fc1", "linear_fc2"):
+                for i in range(n_layers):
+                    for e in range(n):
+                        yield f"{P}mlp.experts.experts.{fc}._extra_state/shard_{i}.{e}_{n_layers}.{n}", [None]
 
     save_batches(directory, items(), batch_bytes)
     backend = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",

@@ -1,11 +1,15 @@
 """Safe output: refuse to overwrite unless asked, write into a temporary sibling (named with the
 checkpoint temporary tag, so nothing half-written looks complete) and rename it into place once
-written and verified; report progress of long conversions."""
+written and verified; report progress of long conversions. A conversion that was killed leaves
+its temporary sibling behind: the next conversion into the same output removes it (only names
+this module gives, ``OUTPUT.tmp-<12 hex>`` and ``OUTPUT.tmp-replaced-<8 hex>``; two conversions
+into one output at the same time are not supported)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,6 +30,9 @@ def staged(output: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     if output.exists() and not overwrite:
         raise ConversionError(f"{output} already exists; choose another OUTPUT or pass --overwrite to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
+    for left in leftovers(output):
+        print(f"removing {left}, left by an interrupted conversion into {output}", file=sys.stderr)
+        _remove(left)
     tmp = output.with_name(f"{output.name}{TMP_TAG}{uuid.uuid4().hex[:12]}")
     try:
         yield tmp
@@ -45,6 +52,12 @@ def staged(output: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             _remove(tmp)
+
+
+def leftovers(output: Path) -> list[Path]:
+    """The temporary siblings of ``output`` that ``staged`` names, left by a killed conversion."""
+    pattern = re.compile(re.escape(f"{output.name}{TMP_TAG}") + r"(?:[0-9a-f]{12}|replaced-[0-9a-f]{8})")
+    return sorted(p for p in output.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def _remove(path: Path) -> None:

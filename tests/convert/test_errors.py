@@ -118,5 +118,21 @@ def test_a_killed_conversion_leaves_nothing_that_looks_complete(tmp_path):
     assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "run"]
     assert leftovers and all(".tmp-" in name for name in leftovers)
+    decoys = ["hf.tmp-notours", "hf2.tmp-0123456789ab", "hf.tmp-0123456789abc", "hf.tmp-replaced-0123"]
+    for name in decoys:
+        (tmp_path / name).mkdir()
     assert main(["convert", "--from", "dcp", "--to", "hf", str(tmp_path / "run"), str(out)]) == 0
     assert (out / "model.safetensors.index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", "hf", *decoys])
+
+
+def test_leftovers_of_a_single_file_output_are_removed_on_the_next_run(tmp_path, capsys):
+    save_run(tmp_path / "run", random_model(decoder_config(vocab=512)))
+    out = tmp_path / "m.safetensors"
+    for name in ("m.safetensors.tmp-00112233aabb", "m.safetensors.tmp-replaced-deadbeef", "m.safetensors.tmp-x"):
+        (tmp_path / name).write_bytes(b"half written")
+    assert main(["convert", "--from", "dcp", "--to", "safetensors", str(tmp_path / "run"), str(out)]) == 0
+    assert "removing" in capsys.readouterr().err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["m.config.json", "m.safetensors", "m.safetensors.tmp-x", "run"]
+    assert load_file(out).keys() == dict(random_model(decoder_config(vocab=512)).named_parameters()).keys()

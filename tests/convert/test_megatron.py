@@ -1,7 +1,8 @@
 """Megatron-core torch_dist checkpoints: one written by megatron-core's own GPTModel and
 ``dist_checkpointing`` on CPU (TP1 and TP2 over gloo) imports to our model with megatron-core's
 logits; our export is loaded by megatron-core's ``dist_checkpointing.load`` into its GPTModel,
-which then gives our logits; the round trip dcp → megatron → dcp is bit-exact."""
+which then gives our logits; the round trip dcp → megatron → dcp is bit-exact. The same for a
+Mixtral-style MoE model against megatron-core's MoE GPT (SequentialMLP experts, TP1)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,19 @@ def _cpu_megatron():
     from megatron.core import parallel_state, tensor_parallel
 
     tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.te_general_gemm = None  # undefined without Transformer Engine; None selects the torch path
     return parallel_state
 
 
-def gpt(seed: int):
+MOE = dict(
+    num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_token_dispatcher_type="allgather",
+    moe_grouped_gemm=False, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01,
+)
+
+
+def gpt(seed: int, moe: bool = False):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -50,10 +60,11 @@ def gpt(seed: int):
         normalization="RMSNorm", add_bias_linear=False, layernorm_epsilon=1e-6, bias_activation_fusion=False,
         persist_layer_norm=False, params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
         masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        init_method_std=0.3,
+        init_method_std=0.3, **(MOE if moe else {}),
     )
+    spec = get_gpt_layer_local_spec(num_experts=4 if moe else None, moe_grouped_gemm=False, normalization="RMSNorm")
     model = GPTModel(
-        config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB, max_sequence_length=64,
+        config, spec, vocab_size=VOCAB, max_sequence_length=64,
         position_embedding_type="rope", rotary_base=5000, share_embeddings_and_output_weights=False,
         parallel_output=False,
     )
@@ -71,7 +82,7 @@ def logits_of(model) -> torch.Tensor:
         return model(x, torch.arange(SEQ).expand(2, SEQ), mask)
 
 
-def megatron_side(rank: int, world: int, save_dir: str | None, load_dir: str | None) -> dict:
+def megatron_side(rank: int, world: int, save_dir: str | None, load_dir: str | None, moe: bool = False) -> dict:
     from megatron.core import dist_checkpointing
 
     parallel_state = _cpu_megatron()
@@ -79,11 +90,11 @@ def megatron_side(rank: int, world: int, save_dir: str | None, load_dir: str | N
     try:
         out = {}
         if save_dir:
-            model = gpt(seed=3)
+            model = gpt(seed=3, moe=moe)
             out["saved_logits"] = logits_of(model)
             dist_checkpointing.save(model.sharded_state_dict(), save_dir)
         if load_dir:
-            model = gpt(seed=9)
+            model = gpt(seed=9, moe=moe)
             loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, load_dir)  # as Megatron-LM does
             model.load_state_dict(loaded["model"])
             out["args"] = vars(loaded["args"])
@@ -156,3 +167,32 @@ def test_megatron_export_with_a_dtype_round_trips_the_cast_weights(tmp_path):
     assert back.keys() == expected.keys()
     for name, tensor in expected.items():
         assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor.detach().to(torch.bfloat16)), name
+
+
+def test_a_megatron_moe_checkpoint_imports_and_our_export_loads_in_megatron(tmp_path):
+    from models.attention.layer import AttentionConfig
+    from models.decoder.config import DecoderConfig
+    from models.ffn.moe import MoEConfig
+
+    config = DecoderConfig(
+        vocab_size=VOCAB, d_model=64, n_layers=2, max_seq_len=64, rope_theta=5000.0, norm_eps=1e-6,
+        mixer=AttentionConfig(n_heads=4, n_kv_heads=2),
+        ffn=MoEConfig(n_experts=4, top_k=2, d_ff=32, router="topk_softmax", aux_loss_coef=0.01, z_loss_coef=0.0),
+    )
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({"model": to_dict(config)}))
+    (tmp_path / "meg").mkdir()
+    saved = run_ranks(1, megatron_side, str(tmp_path / "meg"), None, True)[0]["saved_logits"]
+    convert("megatron", "dcp", tmp_path / "meg", tmp_path / "ours", model_config=str(tmp_path / "model.yaml"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tmp_path / "ours")(tokens()), saved, atol=1e-5, rtol=1e-5)
+
+    convert("dcp", "megatron", tmp_path / "ours", tmp_path / "export")
+    loaded = run_ranks(1, megatron_side, None, str(tmp_path / "export" / "iter_0000000"), True)[0]
+    torch.testing.assert_close(loaded["loaded_logits"], saved, atol=1e-5, rtol=1e-5)
+    assert (loaded["args"]["num_experts"], loaded["args"]["moe_router_topk"]) == (4, 2)
+    convert("megatron", "dcp", tmp_path / "export", tmp_path / "back")
+    first = load_model_weights(tmp_path / "ours" / "checkpoints" / "step_00000000")
+    back = load_model_weights(tmp_path / "back" / "checkpoints" / "step_00000000")
+    assert first.keys() == back.keys()
+    for name, tensor in first.items():
+        assert torch.equal(back[name], tensor), name
