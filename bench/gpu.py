@@ -51,7 +51,8 @@ KERNEL_SETS = {
 }
 
 
-def run_variant(preset: str, seq: int, backend: str, recompute: str, kernels: str, steps: int, device: str) -> dict:
+def run_variant(preset: str, seq: int, backend: str, recompute: str, kernels: str, steps: int, device: str,
+                overrides: list[str] = ()) -> dict:
     """One variant in this process: timings and memory of ``steps`` timed steps after 2 warm-up."""
     from contextlib import nullcontext
 
@@ -65,7 +66,7 @@ def run_variant(preset: str, seq: int, backend: str, recompute: str, kernels: st
 
     choices = [f"model.kernels.{slot}={kind}" for slot, kind in KERNEL_SETS[kernels].items()]
     config = load_config(preset, [f"model.kernels.attention={backend}", f"data.seq_len={seq}",
-                                  f"model.max_seq_len={max(seq, 1)}", *choices])
+                                  f"model.max_seq_len={max(seq, 1)}", *choices, *overrides])
     dev = torch.device(device)
     dims = ParallelDims.resolve(ParallelConfig(), 1)
     parts = build_parts(config.model, ParallelConfig(), dims, None, dev, recompute=recompute, seed=0)
@@ -100,7 +101,7 @@ def run_variant(preset: str, seq: int, backend: str, recompute: str, kernels: st
 
 def _variant_subprocess(args, backend: str, recompute: str, kernels: str) -> dict:
     command = [sys.executable, __file__, "--variant", backend, recompute, kernels, "--preset", args.preset, "--seq",
-               str(args.seq), "--steps", str(args.steps), "--device", args.device]
+               str(args.seq), "--steps", str(args.steps), "--device", args.device, "--set", *args.set]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -154,7 +155,8 @@ def allreduce_table() -> list[str]:
 
 def gpu_tests() -> list[str]:
     files = ["tests/models/test_attention.py", "tests/models/test_attention_switch.py", "tests/models/test_loss.py", "tests/parallel/test_compile.py",
-             "tests/models/test_norm.py", "tests/models/test_kernels.py", "tests/models/test_fused_loss.py"]
+             "tests/models/test_norm.py", "tests/models/test_kernels.py", "tests/models/test_fused_loss.py",
+             "tests/models/test_retention.py", "tests/models/test_moe_layer.py"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files],
                           capture_output=True, text=True, cwd=ROOT)
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
@@ -173,12 +175,14 @@ def main() -> None:
     parser.add_argument("--recompute", nargs="+", default=["none", "selective", "full"])
     parser.add_argument("--kernels", nargs="+", default=None, choices=list(KERNEL_SETS),
                         help="kernel sets (SDPA, no recompute); default: torch, chunked, compile, and liger if installed")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every variant, e.g. model.n_layers=4 (a cut-down 1b-moe)")
     parser.add_argument("--no-tests", action="store_true")
     parser.add_argument("--output", default=None)
     parser.add_argument("--variant", nargs=3, metavar=("BACKEND", "RECOMPUTE", "KERNELS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.preset, args.seq, *args.variant, args.steps, args.device)))
+        print(json.dumps(run_variant(args.preset, args.seq, *args.variant, args.steps, args.device, args.set)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU machine, or try the script with --device cpu --preset tiny --seq 256")
@@ -193,7 +197,8 @@ def main() -> None:
     variants = [(b, r, "torch") for b in backends for r in args.recompute]
     variants += [("sdpa", "none", k) for k in kernel_sets if ("sdpa", "none", k) not in variants]
     started = time.time()
-    lines = [f"## GPU run — `python bench/gpu.py --preset {args.preset} --seq {args.seq}`", "",
+    extra = f" --set {' '.join(args.set)}" if args.set else ""
+    lines = [f"## GPU run — `python bench/gpu.py --preset {args.preset} --seq {args.seq}{extra}`", "",
              f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}; micro-batch 1 × {args.seq}, "
              f"{'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
              f"median of {args.steps} steps after 2 warm-up.", "",

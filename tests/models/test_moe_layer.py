@@ -82,6 +82,33 @@ def test_grouped_gemm_equals_the_loop_and_per_token_products_with_empty_experts(
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="torch._grouped_mm runs on CUDA from compute capability 9.0 (Hopper)")
+def test_grouped_gemm_on_gpu_in_bf16_equals_the_fp64_loop_on_cpu():
+    torch.manual_seed(3)
+    n_experts, d, f = 8, 256, 512
+    counts = torch.tensor([64, 0, 200, 8, 0, 120, 1, 47])
+    x = torch.randn(int(counts.sum()), d)
+    grads = torch.randn(int(counts.sum()), d)
+    experts = GroupedExperts(n_experts, d, f, grouped_gemm=True)
+    experts.init_weights(0.05, 0.05)
+    results = {}
+    for device, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float64)):
+        model = GroupedExperts(n_experts, d, f, grouped_gemm=device == "cuda").to(device, dtype)
+        model.load_state_dict({k: v.to(device, dtype) for k, v in experts.state_dict().items()})
+        rows = x.to(device, dtype).requires_grad_()
+        if device == "cuda":
+            assert grouped_mm_supported(rows, model.w1, model.w3, model.w2)
+        out = model(rows, counts=counts.to(device))
+        out.backward(grads.to(device, dtype))
+        results[device] = [t.double().cpu() for t in (out, rows.grad, model.w1.grad, model.w3.grad, model.w2.grad)]
+    for a, b, name in zip(results["cuda"], results["cpu"], ("out", "dx", "dw1", "dw3", "dw2")):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 2e-2 * scale, name  # bf16 operands, fp32 accumulation
+    for grad in results["cuda"][2:]:
+        assert torch.equal(grad[1], torch.zeros_like(grad[1])) and torch.equal(grad[4], torch.zeros_like(grad[4]))
+
+
 def test_grouped_gemm_support_check():
     w = torch.zeros(2, 8, 4)
     assert grouped_mm_supported(torch.zeros(3, 4), w, w)

@@ -164,13 +164,22 @@ def test_bad_retention_configs_are_refused(overrides, message):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-linear-attention's kernel needs a CUDA device")
 def test_fla_kernel_equals_the_torch_forms_on_gpu():
+    """fla's Triton kernels multiply fp32 operands in TF32 (10-bit mantissa: ~1e-3 of the values'
+    scale, measured 1.8e-3 on an H200), so errors are bounded relative to the largest value. A
+    decay shifted by one position moves these outputs by 76% of that scale and a document
+    reset that is not honoured by 36%: the bound separates both from rounding."""
     pytest.importorskip("fla", reason="flash-linear-attention (fla) is not installed")
     tensors = [t.detach().cuda().requires_grad_() for t in inputs(seed=4)]
     assert fla_usable(tensors[0])
+
+    def close(got, want, bound, what):
+        error = (got.float() - want).abs().max().item() / want.abs().max().item()
+        assert error <= bound, f"{what}: max error {error:.2e} of the largest value (bound {bound:.0e})"
+
     for segments in (None, DOCS.cuda()):
         want, _ = chunkwise_retention(*tensors, 4, segments=segments)
         got = fla_retention(*tensors, segments)
-        torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-4)
+        close(got, want, 5e-3, f"outputs, documents={segments is not None}")
         ref_grads = torch.autograd.grad(want.sum(), tensors)
-        for a, b in zip(torch.autograd.grad(got.float().sum(), tensors), ref_grads, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        for a, b, name in zip(torch.autograd.grad(got.float().sum(), tensors), ref_grads, "q k v log_decay".split(), strict=True):
+            close(a, b, 1e-2, f"d{name}, documents={segments is not None}")
