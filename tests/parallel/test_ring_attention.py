@@ -11,11 +11,12 @@ import torch.distributed as dist
 
 from models.attention.backends import math_attention
 from models.attention.spec import AttentionSpec, dense_mask
-from pretrain.parallel.context.ring import RingPlan, block_masks, ring_attention
+from pretrain.parallel.context.ring import Block, RingPlan, block_masks, ring_attention
 from pretrain.parallel.context.zigzag import causal_pairs, shard_sequence, zigzag_positions
 from tests.parallel.launch import run_ranks
 
 B, H, HKV, S, D = 2, 4, 2, 48, 8
+KERNELS = ("auto", "explicit")  # auto = torch's fused flash kernel per block on CPU
 CASES = {
     "causal": dict(causal=True),
     "documents": dict(causal=True, documents=True),
@@ -44,7 +45,7 @@ def reference(case: dict, seed: int):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def ring_case(rank: int, world: int, case: dict, seed: int):
+def ring_case(rank: int, world: int, case: dict, seed: int, kernel: str):
     q, k, v, weight, docs = inputs(seed)
     index = zigzag_positions(S, world, rank)
     local = [t.index_select(2, index).clone().requires_grad_() for t in (q, k, v)]
@@ -52,8 +53,7 @@ def ring_case(rank: int, world: int, case: dict, seed: int):
     segments = [docs.index_select(1, p) for p in positions] if case.get("documents") else None
     masks = block_masks(positions, rank, case["causal"], case.get("window"), segments)
     plan = RingPlan(
-        dist.group.WORLD, rank, world, (rank - 1) % world, (rank + 1) % world, tuple(masks),
-        tuple(bool(m.any()) for m in masks), None,
+        dist.group.WORLD, rank, world, (rank - 1) % world, (rank + 1) % world, tuple(Block.of(m) for m in masks), None, kernel
     )
     out = ring_attention(*local, plan)
     (out * weight.index_select(2, index)).sum().backward()
@@ -61,7 +61,8 @@ def ring_case(rank: int, world: int, case: dict, seed: int):
 
 
 def run(rank: int, world: int) -> dict:
-    return {name: ring_case(rank, world, case, seed) for seed, (name, case) in enumerate(CASES.items())}
+    return {(name, kernel): ring_case(rank, world, case, seed, kernel)
+            for seed, (name, case) in enumerate(CASES.items()) for kernel in KERNELS}
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +70,14 @@ def launched():
     return {world: run_ranks(world, run) for world in (2, 4)}
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", list(CASES))
-def test_ring_attention_equals_one_process(world, name, launched):
+def test_ring_attention_equals_one_process(world, name, kernel, launched):
     expected = reference(CASES[name], list(CASES).index(name))
     for rank, result in enumerate(launched[world]):
         index = zigzag_positions(S, world, rank)
-        for got, want, what in zip(result[name], expected, ("out", "dq", "dk", "dv")):
+        for got, want, what in zip(result[(name, kernel)], expected, ("out", "dq", "dk", "dv")):
             torch.testing.assert_close(got, want.index_select(2, index), atol=1e-5, rtol=1e-5, msg=what)
 
 
@@ -100,3 +102,35 @@ def test_shard_sequence_partitions_the_batch():
     assert torch.equal(ids - ids[:, :1], positions)
     with pytest.raises(ValueError, match="2 x cp = 6"):
         zigzag_positions(10, 3, 0)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_causal_zigzag_blocks_are_a_triangle_and_half_blocks(cp):
+    """With chunks r and 2cp-1-r on rank r, a causal rank sees its own block as a triangle in
+    local order, a lower rank's block only in that block's first chunk (every query), a higher
+    rank's only from its own second chunk of queries (every key): each unmasked."""
+    seq, half = 16 * cp, 8
+    positions = [zigzag_positions(seq, cp, j) for j in range(cp)]
+    for rank in range(cp):
+        blocks = [Block.of(m) for m in block_masks(positions, rank, True, None, None)]
+        for source, block in enumerate(blocks):
+            if source == rank:
+                assert (block.rows, block.cols, block.kind) == (slice(0, 2 * half), slice(0, 2 * half), "causal")
+            elif source < rank:
+                assert (block.rows, block.cols, block.kind) == (slice(0, 2 * half), slice(0, half), "full")
+            else:
+                assert (block.rows, block.cols, block.kind) == (slice(half, 2 * half), slice(0, 2 * half), "full")
+            assert block.hidden_rows is None
+        # the boxes cover exactly the visible pairs: the rank's causal work
+        assert sum(int(b.mask.sum()) for b in blocks) == causal_pairs(seq, cp, rank)
+
+
+def test_block_of_a_document_mask_keeps_the_mask_and_names_rows_that_see_nothing():
+    mask = torch.zeros(1, 1, 4, 6, dtype=torch.bool)
+    mask[0, 0, 1, 2:4] = True
+    mask[0, 0, 3, 3] = True
+    block = Block.of(mask)
+    assert (block.rows, block.cols, block.kind) == (slice(1, 4), slice(2, 4), "masked")
+    assert torch.equal(block.mask, mask[:, :, 1:4, 2:4])
+    assert block.hidden_rows.flatten().tolist() == [False, True, False]
+    assert Block.of(torch.zeros(1, 1, 3, 3, dtype=torch.bool)) is None

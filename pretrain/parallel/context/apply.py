@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from models.attention.backends import AttentionBackend
 from models.attention.spec import AttentionSpec, AttentionSpecError
-from pretrain.parallel.context.ring import RingPlan, block_masks, ring_attention
+from pretrain.parallel.context.ring import Block, RingPlan, block_masks, ring_attention
 from pretrain.parallel.context.ulysses import UlyssesPlan, ulysses_attention
 from pretrain.parallel.context.zigzag import zigzag_positions
 
@@ -72,8 +72,7 @@ class ContextParallelAttention(AttentionBackend):
             masks = block_masks(positions, self.rank, spec.causal, spec.window, segments)
             prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
             nxt = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
-            visible = tuple(bool(m.any()) for m in masks)
-            return RingPlan(self.group, self.rank, self.size, prev, nxt, tuple(masks), visible, spec.scale)
+            return RingPlan(self.group, self.rank, self.size, prev, nxt, tuple(Block.of(m) for m in masks), spec.scale)
         order = torch.cat(positions)
         natural = torch.argsort(order)
         if segments is not None:
