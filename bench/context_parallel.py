@@ -12,7 +12,8 @@ tables:
    with a mask, whose CPU kernel keeps the S² probabilities).
 2. At the longest sequence: forward+backward time per step (median of ``--steps`` after one
    warm-up) of cp=1 (one process, the whole sequence) and of each cp (cp processes, the same
-   tokens), and the bytes each rank sends per step counted at ``torch.distributed.isend``, next
+   tokens), the time a rank spent blocked in the transfers' ``wait`` (what the overlap did not
+   hide), and the bytes each rank sends per step counted at ``torch.distributed.isend``, next
    to the formula (ring.py): per layer (cp−1) K/V blocks forward, (cp−1) K/V blocks and cp fp32
    dK/dV accumulators backward, a block being 2·B·Hkv·(S/cp)·D elements.
 """
@@ -87,23 +88,37 @@ def run(seq: int, cp: int, rank: int, steps: int, mesh, timed: bool, documents: 
         step()
     result = {"bytes": max(meter.per_layer().values())}
     if timed:
-        sent = {"bytes": 0}
-        original = dist.isend
+        sent = {"bytes": 0, "waited": 0.0}
+        original = dist.isend, dist.irecv
 
-        def counting(tensor, *args, **kwargs):
+        class Timed:
+            """A transfer whose ``wait`` adds the time it blocked to ``sent["waited"]``."""
+
+            def __init__(self, work):
+                self.work = work
+
+            def wait(self):
+                start = time.perf_counter()
+                self.work.wait()
+                sent["waited"] += time.perf_counter() - start
+
+        def counting_send(tensor, *args, **kwargs):
             sent["bytes"] += tensor.numel() * tensor.element_size()
-            return original(tensor, *args, **kwargs)
+            return Timed(original[0](tensor, *args, **kwargs))
+
+        def timed_recv(tensor, *args, **kwargs):
+            return Timed(original[1](tensor, *args, **kwargs))
 
         times = []
         for i in range(steps + 1):
             if mesh is not None:
                 dist.barrier()
-            dist.isend = counting if i == 1 else original
+            dist.isend, dist.irecv = (counting_send, timed_recv) if i == 1 else original
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        dist.isend = original
-        result.update(seconds=statistics.median(times[1:]), sent=sent["bytes"])
+        dist.isend, dist.irecv = original
+        result.update(seconds=statistics.median(times[1:]), sent=sent["bytes"], waited=sent["waited"])
     return result
 
 
@@ -132,7 +147,8 @@ def measure(seq: int, cp: int, steps: int, timed: bool, documents: bool) -> dict
     results = [out[r] for r in range(cp)]
     merged = {"bytes": max(r["bytes"] for r in results)}
     if timed:
-        merged.update(seconds=max(r["seconds"] for r in results), sent=max(r["sent"] for r in results))
+        merged.update(seconds=max(r["seconds"] for r in results), sent=max(r["sent"] for r in results),
+                      waited=max(r["waited"] for r in results))
     return merged
 
 
@@ -162,11 +178,12 @@ def main() -> None:
                 rows = f"documents of {DOC}" if documents else "one document"
                 print(f"| {rows} | {seq} | {cp} | {result['bytes'] / MIB:.2f} | {expected / MIB:.2f} | "
                       f"{result['bytes'] / expected:.3f} |", flush=True)
-    print(f"\n| seq {longest}, documents | step s | vs cp=1 | sent per rank MiB | formula MiB |\n|---|---|---|---|---|")
+    print(f"\n| seq {longest}, documents | step s | vs cp=1 | blocked on transfers s | sent per rank MiB | formula MiB |"
+          "\n|---|---|---|---|---|---|")
     for cp, result in timed.items():
         formula = ring_bytes(longest, cp) if cp > 1 else 0
         print(f"| cp={cp} | {result['seconds']:.3f} | {result['seconds'] / timed[args.cps[0]]['seconds']:.2f}x | "
-              f"{result['sent'] / MIB:.2f} | {formula / MIB:.2f} |")
+              f"{result['waited']:.3f} | {result['sent'] / MIB:.2f} | {formula / MIB:.2f} |")
 
 
 if __name__ == "__main__":
