@@ -58,7 +58,9 @@ def _partial(output) -> bool:
 
 def op_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """The ``op`` mode's rule: keep GEMM, attention-kernel and reducing-collective outputs."""
-    if op in SAVED_OPS and not _partial(ctx.op_output):
+    # torch.compile's policy context has no op_output before torch 2.13; it traces plain
+    # tensors there, where no output is a partial DTensor.
+    if op in SAVED_OPS and not _partial(getattr(ctx, "op_output", None)):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
