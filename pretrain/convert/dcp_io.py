@@ -7,8 +7,9 @@ module's other tensors and put back in canonical order.
 
 Writing: a model-only checkpoint (``OUTPUT/checkpoints/step_NNNNNNNN`` with the config, the
 completion marker and the ``latest`` pointer; the tokenizer beside ``checkpoints/`` as in a run
-directory), each tensor put in the order its module stores (``stored_state``), saved in batches of at most ``batch_bytes`` whose DCP metadata are merged into one,
-so memory holds one batch.
+directory), each tensor in the order its module stores (``stored_state``, the inverse of
+``canonical_state``), saved in batches of at most ``batch_bytes`` whose DCP metadata are merged
+into one, so memory holds one batch.
 """
 
 from __future__ import annotations

@@ -191,3 +191,31 @@ def test_sampled_widths_resume_across_layouts(cache, tmp_path):
     for key in ("layers.0.ffn.w1.weight", "layers.1.ffn.w3.weight"):
         assert torch.equal(exported[key][:64], dense.state_dict()[key])
     assert torch.equal(exported["layers.1.ffn.w2.weight"][:, :64], dense.state_dict()["layers.1.ffn.w2.weight"])
+
+
+@pytest.mark.parametrize("mode", ["joint", "sampled"])
+def test_step_flops_count_every_widths_work(cache, tmp_path, mode):
+    """The FLOPs a trainer step reports (tflops, MFU) are Σ over the step's widths of the
+    training FLOPs of a plain ``swiglu`` decoder of that width: four widths in a joint step,
+    the drawn one in a sampled step."""
+    import dataclasses
+
+    from models.counting import training_flops_per_token
+    from models.ffn.swiglu import SwiGLUConfig
+
+    os.environ["PRETRAIN_CACHE"] = str(cache)
+    config = load_config("matformer-tiny", [
+        "model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2",
+        "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0", "train.global_batch=4",
+        "train.micro_batch=4", "train.max_steps=3", "schedule.warmup_steps=1", f"model.ffn.train_mode={mode}", f"run.dir={tmp_path}",
+    ])
+    trainer = Trainer(config, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    trainer.train_iter = iter(trainer.train_loader)
+    widths_of = (128, 256, 512, 1024)
+    dense = {m: training_flops_per_token(dataclasses.replace(config.model, ffn=SwiGLUConfig(d_ff=m)), 64)
+             for m in widths_of}
+    for _ in range(3):
+        result = trainer.train_step()
+        widths = sorted(int(k[len("loss/m"):]) for k in trainer.loss_terms if k.startswith("loss/m"))
+        assert widths == (list(widths_of) if mode == "joint" else widths[:1]) and widths
+        assert result.flops == result.tokens * sum(dense[m] for m in widths)
