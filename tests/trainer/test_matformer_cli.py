@@ -207,7 +207,8 @@ def test_step_flops_count_every_widths_work(cache, tmp_path, mode):
     config = load_config("matformer-tiny", [
         "model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2",
         "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0", "train.global_batch=4",
-        "train.micro_batch=4", "train.max_steps=3", "schedule.warmup_steps=1", f"model.ffn.train_mode={mode}", f"run.dir={tmp_path}",
+        "train.micro_batch=4", "train.max_steps=3", "schedule.warmup_steps=1", f"model.ffn.train_mode={mode}",
+        f"run.dir={tmp_path}",
     ])
     trainer = Trainer(config, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     trainer.train_iter = iter(trainer.train_loader)
