@@ -142,10 +142,10 @@ def test_generate_command_with_a_draft_prints_the_plain_greedy_text(trained, cac
     assert bad.returncode == 2 and "nested widths are ['64', '256', '1024']" in bad.stderr
 
 
-def train_sampled(rank: int, world: int, cache: str, run_dir: str, overrides: list[str]) -> dict:
+def train_sampled(rank: int, world: int, cache: str, run_dir: str, overrides: list[str], mode: str = "sampled") -> dict:
     os.environ["PRETRAIN_CACHE"] = cache
     small = ["model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2",
-             "model.ffn.d_ff=256", "model.ffn.granularities=[64,128,256]", "model.ffn.train_mode=sampled",
+             "model.ffn.d_ff=256", "model.ffn.granularities=[64,128,256]", f"model.ffn.train_mode={mode}",
              "model.ffn.tp_interleave=2", "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0",
              "train.global_batch=8", "train.micro_batch=4", "train.max_steps=8", "train.eval_interval=0",
              "schedule.warmup_steps=2", "logging.interval=1", "checkpoint.interval=4"]
@@ -220,3 +220,27 @@ def test_step_flops_count_every_widths_work(cache, tmp_path, mode):
         widths = sorted(int(k[len("loss/m"):]) for k in trainer.loss_terms if k.startswith("loss/m"))
         assert widths == (list(widths_of) if mode == "joint" else widths[:1]) and widths
         assert result.flops == result.tokens * sum(dense[m] for m in widths)
+
+
+def test_joint_training_resumes_across_layouts(cache, tmp_path):
+    """Joint training (every width each step) under FSDP2 equals one process; FSDP2's step-4
+    checkpoint resumed under PP2 continues like the uninterrupted one-process run, every
+    width's logged loss included."""
+    one, fsdp2, resumed = tmp_path / "one", tmp_path / "fsdp2", tmp_path / "resumed"
+    assert run_ranks(1, train_sampled, str(cache), str(one), [], "joint")[0]["code"] == 0
+    assert all(r["code"] == 0 for r in run_ranks(2, train_sampled, str(cache), str(fsdp2), [], "joint"))
+    checkpoint = fsdp2 / "checkpoints" / "step_00000004"
+    assert all(r["code"] == 0 for r in run_ranks(
+        2, train_sampled, str(cache), str(resumed), ["parallel.pp=2", f"checkpoint.resume={checkpoint}"], "joint"
+    ))
+    a, b, c = step_losses(one), step_losses(fsdp2), step_losses(resumed)
+    widths = ["loss/m128", "loss/m256", "loss/m64"]
+    assert sorted(a) == sorted(b) == list(range(1, 9)) and sorted(c) == [5, 6, 7, 8]
+    for step, (loss, names) in a.items():
+        assert names == widths and b[step][1] == widths and b[step][0] == pytest.approx(loss, abs=1e-5), step
+        if step in c:
+            assert c[step][1] == widths and c[step][0] == pytest.approx(loss, abs=1e-5), step
+    per_width = [r for r in records(resumed) if r.get("step") == 8][0]
+    expected = [r for r in records(one) if r.get("step") == 8][0]
+    for name in widths:
+        assert per_width[name] == pytest.approx(expected[name], abs=1e-5), name
