@@ -4,8 +4,9 @@
 - ``extract`` cuts every MatFormer layer to one width (``--granularity m``) or to one width per
   layer (``--per-layer m1,m2,...``, Mix'n'Match; decoders) and writes a standalone dense
   checkpoint in our format (``OUTPUT/checkpoints/step_N``: ``pretrain generate`` and ``export``
-  read it) and, when every layer has the same width and the family has a Hugging Face adapter,
-  a Hugging Face directory (``OUTPUT/hf``, ``LlamaForCausalLM`` for a decoder).
+  read it) and, when every layer has the same width and a Hugging Face class holds the
+  extracted config, a Hugging Face directory (``OUTPUT/hf``, ``LlamaForCausalLM`` for a
+  decoder; an encdec's SwiGLU FFNs have no T5 form, so none there, and the reason is printed).
 - ``sweep`` evaluates validation loss and parameter count of a list of Mix'n'Match choices — by
   default every uniform width and the paper's monotone choices (widths non-decreasing with depth)
   — and writes ``sweep.md``, ``sweep.json`` and ``sweep.png`` (loss vs parameters).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -68,8 +70,12 @@ def extract_main(checkpoint, output, granularity: int | None = None, per_layer: 
         if source.is_file():
             shutil.copyfile(source, output / name)
     if len(set(widths)) == 1 and not getattr(config, "layer_overrides", None) and get_spec(config).hf:
-        adapter = hf_adapter(config)
-        adapter.to_hf_model(dense).save_pretrained(output / "hf")
+        try:
+            adapter = hf_adapter(config)
+        except ValueError as e:  # e.g. an encdec with SwiGLU FFNs: T5 has gated-GELU or ReLU ones
+            print(f"no Hugging Face directory written: {e}", file=sys.stderr)
+        else:
+            adapter.to_hf_model(dense).save_pretrained(output / "hf")
     return output
 
 

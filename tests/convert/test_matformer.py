@@ -55,3 +55,30 @@ def test_interleaved_matformer_converts_in_canonical_order_and_back(tmp_path):
     assert back.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(back[name], tensor), name
+
+
+def test_an_encdec_matformer_extracts_at_one_width(tmp_path, capsys):
+    """The encoder-decoder family with MatFormer FFNs (TP-interleaved): ``extract`` at one width
+    writes a dense encdec of SwiGLU FFNs that computes what the narrowed model computes, bit for
+    bit, with full − Σ 3·d·(d_ff − m) parameters; no T5 directory (T5 has no SwiGLU FFN), said why."""
+    from models.counting import param_counts
+    from models.encdec.config import EncDecConfig
+    from pretrain.generation import load_checkpoint_model
+    from pretrain.matformer import extract_main
+    from tests.convert.helpers import random_model, save_run
+
+    config = EncDecConfig(vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, n_heads=4, max_seq_len=16,
+                          max_target_len=8, ffn=MatFormerConfig(d_ff=128, granularities=WIDTHS, tp_interleave=2))
+    model = random_model(config)
+    save_run(tmp_path / "run", model)
+    inputs, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 8))
+    for m in WIDTHS[:-1]:
+        extract_main(tmp_path / "run" / "checkpoints", tmp_path / f"m{m}", granularity=m)
+        dense, _ = load_checkpoint_model(tmp_path / f"m{m}" / "checkpoints")
+        assert [f.kind for f in dense.config.layers().ffns] == ["swiglu"] * 4
+        assert param_counts(dense.config).total == param_counts(config).total - 4 * 3 * 32 * (128 - m)
+        set_granularity(model, m)
+        with torch.no_grad():
+            assert torch.equal(dense(inputs, decoder_input_ids=targets), model(inputs, decoder_input_ids=targets))
+        assert not (tmp_path / f"m{m}" / "hf").exists()
+    assert "no Hugging Face directory written" in capsys.readouterr().err
