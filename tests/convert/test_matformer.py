@@ -82,3 +82,57 @@ def test_an_encdec_matformer_extracts_at_one_width(tmp_path, capsys):
             assert torch.equal(dense(inputs, decoder_input_ids=targets), model(inputs, decoder_input_ids=targets))
         assert not (tmp_path / f"m{m}" / "hf").exists()
     assert "no Hugging Face directory written" in capsys.readouterr().err
+
+
+def test_a_new_tp_interleave_is_refused_on_resume_and_relaid_out_through_init_from(cache, tmp_path):
+    """A checkpoint stored for tp_interleave=2 read by a model with tp_interleave=4 would load
+    without error into another function: resuming it, or starting from it with model.init_from,
+    is refused with the way out; starting from its canonical safetensors conversion writes the
+    new order, and the model computes what the checkpoint's model computes at every width."""
+    import os
+
+    import pytest
+
+    from pretrain.config import load_config
+    from pretrain.convert.errors import ConversionError
+    from pretrain.convert.init import load_initial_weights
+    from pretrain.distributed import DistInfo
+    from pretrain.errors import CheckpointError
+    from pretrain.train import Trainer
+    from tests.convert.helpers import random_model, save_run
+
+    os.environ["PRETRAIN_CACHE"] = str(cache)
+    original = random_model(dataclasses.replace(
+        decoder_config(vocab=4096), ffn=MatFormerConfig(d_ff=128, granularities=WIDTHS, tp_interleave=2)
+    ))
+    checkpoint = save_run(tmp_path / "src", original)
+    convert("dcp", "safetensors", checkpoint, tmp_path / "w.safetensors")
+    run = ["data.seq_len=64", "data.num_workers=0", "train.global_batch=4", "train.micro_batch=4",
+           "schedule.warmup_steps=1", "train.max_steps=2", "model.ffn.tp_interleave=4"]
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    def trainer(*overrides):
+        return Trainer(load_config("matformer-tiny", [*run, *overrides]), cpu)
+
+    model_fields = ["model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2",
+                    "model.max_seq_len=64", "model.ffn.d_ff=128", f"model.ffn.granularities={WIDTHS}"]
+    resuming = trainer(*model_fields, f"run.dir={tmp_path / 'resume'}", f"checkpoint.resume={checkpoint}")
+    with pytest.raises(CheckpointError, match="stored with hidden units interleaved for tp_interleave=2"):
+        resuming.resume()
+    from_dcp = trainer(f"run.dir={tmp_path / 'dcp'}", f"model.init_from={checkpoint}")
+    with pytest.raises(ConversionError, match="this run's model reads hidden units interleaved for tp_interleave=4"):
+        load_initial_weights(from_dcp.parts, from_dcp.config.init_from, from_dcp.run_dir, from_dcp.config.model)
+    relaid = trainer(f"run.dir={tmp_path / 'relaid'}", f"model.init_from={tmp_path / 'w.safetensors'}")
+    load_initial_weights(relaid.parts, relaid.config.init_from, relaid.run_dir, relaid.config.model)
+    model = relaid.parts[0].eval()
+    assert model.config.ffn.tp_interleave == 4
+    assert not torch.equal(model.layers["0"].ffn.w1.weight, original.layers["0"].ffn.w1.weight)
+    tokens = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(2))
+    for m in WIDTHS:
+        set_granularity(model, m)
+        set_granularity(original, m)
+        with torch.no_grad():
+            if m < WIDTHS[-1]:
+                assert torch.equal(model(tokens), original(tokens)), m
+            else:
+                torch.testing.assert_close(model(tokens), original(tokens), rtol=0, atol=1e-5)
