@@ -102,7 +102,9 @@ class MatFormerFFN(SwiGLU):
         """How this layer's weights are ordered in a checkpoint (compared before loading one)."""
         if self.tp_interleave == 1:
             return "hidden units in canonical order (tp_interleave=1)"
-        return f"hidden units interleaved for tp_interleave={self.tp_interleave} over granularities {self.granularities}"
+        return (
+            f"hidden units interleaved for tp_interleave={self.tp_interleave} over granularities {self.granularities}"
+        )
 
     def stored_state(self, name: str, weights: dict[str, torch.Tensor]) -> None:
         """The inverse of :meth:`canonical_state`: canonical → stored order, in place (a
