@@ -182,6 +182,12 @@ def test_sampled_widths_resume_across_layouts(cache, tmp_path):
     dense, _ = load_checkpoint_model(tmp_path / "m64" / "checkpoints")
     set_granularity(model, 64)
     assert torch.equal(logits_at(dense, tokens), logits_at(model, tokens))
+    extract_main(checkpoint, tmp_path / "mix", per_layer=[128, 64])  # Mix'n'Match, also exact
+    mixed, _ = load_checkpoint_model(tmp_path / "mix" / "checkpoints")
+    assert [f.d_ff for f in mixed.config.layers().ffns] == [128, 64]
+    set_granularity(model, [128, 64])
+    assert torch.equal(logits_at(mixed, tokens), logits_at(model, tokens))
+    set_granularity(model, 64)
     # The safetensors export is in canonical order: its first 64 units are the extracted model's.
     from safetensors.torch import load_file
 
