@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from models.configtree import to_dict
-from models.counting import param_counts
 from models.ffn.matformer import set_granularity
 from models.ffn.matformer.extract import extract_config, extract_state_dict, per_layer_widths
 from models.spec import LossSettings, build_model, get_spec, hf_adapter
@@ -90,6 +89,20 @@ def monotone_choices(granularities: list[int], n_layers: int) -> list[list[int]]
     return choices
 
 
+def sub_model_params(config, widths: list[int]) -> tuple[int, int]:
+    """(total, non-embedding) parameters of the sub-model with these widths: the model's, less
+    the hidden units each narrowed MatFormer layer leaves out. Counted on the narrowed model, so
+    it also holds for mixes a family cannot extract (YOCO)."""
+    from models.counting import build_meta, count_params
+    from models.ffn.matformer import matformer_ffns
+
+    model = build_meta(config)
+    set_granularity(model, widths)
+    counts = count_params(model)
+    left_out = sum(ffn.inactive_params_per_token() for ffn in matformer_ffns(model))
+    return counts.total - left_out, counts.non_embedding - left_out
+
+
 def sweep_main(checkpoint, output, choices: list[list[int]] | None = None, batches: int | None = None) -> list[dict]:
     """Validation loss and parameters of each choice (rows, also written to OUTPUT)."""
     from data.loader import build_loader
@@ -125,8 +138,8 @@ def sweep_main(checkpoint, output, choices: list[list[int]] | None = None, batch
                 loss, _ = spec.loss(model(*args, **kwargs), spec.targets(batch), 1.0, settings)
                 total += float(loss)
                 tokens += float(spec.loss_tokens(batch))
-        counts = param_counts(extract_config(model.config, widths))
-        rows.append({"widths": widths, "params": counts.total, "non_embedding": counts.non_embedding,
+        params, non_embedding = sub_model_params(model.config, widths)
+        rows.append({"widths": widths, "params": params, "non_embedding": non_embedding,
                      "valid_loss": total / max(tokens, 1.0)})
     set_granularity(model, None)
     _write_sweep(rows, Path(output), path)

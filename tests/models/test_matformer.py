@@ -171,3 +171,18 @@ def test_a_yoco_with_matformer_ffns_extracts_one_width_exactly():
         assert torch.equal(matformer(tokens()), dense(tokens()))
     with pytest.raises(ValueError, match="one width for all layers"):
         extract_config(yoco, [16, 32, 64, 128])
+    # Its mixes are counted on the narrowed model (pretrain matformer sweep): a uniform width
+    # agrees with the extracted model's tensors, a mix with the formula, and the narrowed model's
+    # active count is the sub-model's.
+    from models.counting import build_meta, count_params
+    from pretrain.matformer import sub_model_params
+
+    full = param_counts(yoco)
+    extracted = param_counts(extract_config(yoco, [32] * 4))
+    assert sub_model_params(yoco, [32] * 4) == (extracted.total, extracted.non_embedding)
+    mix = [16, 32, 64, 128]
+    expected = full.total - sum(3 * 32 * (128 - m) for m in mix)
+    assert sub_model_params(yoco, mix) == (expected, expected - full.embedding)
+    narrowed = build_meta(yoco)
+    set_granularity(narrowed, mix)
+    assert count_params(narrowed).active == expected and count_params(narrowed).total == full.total

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.counting import param_counts
 from models.ffn.matformer import set_granularity
+from models.ffn.matformer.extract import extract_config
 from models.generate import generate
 from models.speculative import speculative_generate
 from pretrain.config import load_config
@@ -107,9 +109,12 @@ def test_sweep_counts_and_losses(trained, cache, tmp_path):
     assert (tmp_path / "sweep.png").is_file() and (tmp_path / "sweep.md").is_file()
     full = next(r for r in rows if r["widths"] == [1024] * 4)
     assert [1024, 1024, 1024, 1024] in [r["widths"] for r in rows] and len(rows) > 3
+    model, _ = load_checkpoint_model(trained / "checkpoints")
     for r in rows:
         assert r["widths"] == sorted(r["widths"]), "default choices never shrink with depth"
         assert r["params"] == full["params"] - sum(3 * 128 * (1024 - m) for m in r["widths"])
+        standalone = param_counts(extract_config(model.config, r["widths"]))  # the extracted model's tensors
+        assert (r["params"], r["non_embedding"]) == (standalone.total, standalone.non_embedding)
     last = [r for r in records(trained) if "valid_loss" in r][-1]
     for m in (64, 256, 1024):  # the run's own validation of each width (same batches)
         row = next(r for r in rows if r["widths"] == [m] * 4)
@@ -250,3 +255,27 @@ def test_joint_training_resumes_across_layouts(cache, tmp_path):
     expected = [r for r in records(one) if r.get("step") == 8][0]
     for name in widths:
         assert per_width[name] == pytest.approx(expected[name], abs=1e-5), name
+
+
+def test_sweep_of_a_yoco_matformer_evaluates_its_mixes(cache, tmp_path):
+    """YOCO extracts one width for all layers only; ``sweep`` still evaluates its monotone mixes
+    in place: each row's parameters follow the formula, and the uniform rows' losses are the
+    run's own validation of those widths."""
+    from pretrain.matformer import sweep_main
+
+    run_dir = tmp_path / "yoco"
+    pretrain(cache, "train", "--config", "yoco-tiny", "model.d_model=64", "model.n_layers=4", "model.self_layers=2",
+             "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2", "model.cross.n_heads=4", "model.cross.n_kv_heads=2",
+             "model.ffn.kind=matformer", "model.ffn.d_ff=256", "model.ffn.granularities=[64,128,256]",
+             "model.mixer.window=16", "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0",
+             "train.global_batch=4", "train.micro_batch=4", "train.max_steps=4", "train.eval_interval=4",
+             "train.eval_batches=2", "schedule.warmup_steps=1", "checkpoint.interval=4", f"run.dir={run_dir}")
+    rows = sweep_main(run_dir / "checkpoints", tmp_path / "sweep")
+    assert any(len(set(r["widths"])) > 1 for r in rows)
+    full = next(r for r in rows if r["widths"] == [256] * 4)
+    for r in rows:
+        assert r["params"] == full["params"] - sum(3 * 64 * (256 - m) for m in r["widths"])
+    last = [r for r in records(run_dir) if "valid_loss" in r][-1]
+    for m in (64, 128, 256):
+        row = next(r for r in rows if r["widths"] == [m] * 4)
+        assert row["valid_loss"] == pytest.approx(last[f"valid_loss/m{m}"], abs=1e-5)

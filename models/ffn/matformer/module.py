@@ -119,6 +119,11 @@ class MatFormerFFN(SwiGLU):
             if f"{name}.{key}.weight" in weights:
                 weights[f"{name}.{key}.weight"] = reorder(weights[f"{name}.{key}.weight"], perm, dim)
 
+    def inactive_params_per_token(self) -> int:
+        """Parameters of the hidden units outside the active width (models/counting.py: a
+        narrowed model's ``active`` count is its sub-model's)."""
+        return 3 * self.d_model * (self.d_ff - self.granularity)
+
     def linear_flops_per_token(self) -> int:
         """Forward FLOPs of the three projections at the active width (models/counting.py)."""
         return 2 * 3 * self.d_model * self.granularity
