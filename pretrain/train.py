@@ -40,8 +40,8 @@ from pretrain.parallel.mesh import ParallelDims, build_mesh
 from pretrain.parallel.parallelize import build_parts
 from pretrain.parallel.runtime import ParallelRunner
 from pretrain.report import write_report
-from pretrain.storage_order import check_storage_order
 from pretrain.signals import EXIT_CHECKPOINTED_FOR_REQUEUE, StopRequest
+from pretrain.storage_order import check_storage_order
 
 
 @dataclass

@@ -76,7 +76,10 @@ def convert(
     config=None,
 ) -> dict:
     """Convert ``input_path`` (format ``src``) to ``output`` (format ``dst``); returns a summary
-    (tensors, bytes, seconds). Raises ConversionError on bad input, naming the problem and the fix."""
+    (tensors, bytes, seconds). Raises ConversionError on bad input, naming the problem and the fix.
+    ``config``: write the weights under this model config instead of the input's (same tensor
+    names and shapes; ``model.init_from`` passes the run's, so the output has the run's stored
+    order)."""
     from pretrain.convert.dcp_io import verify_dcp, write_dcp
     from pretrain.convert.hf_io import verify_safetensors_files, write_hf
     from pretrain.convert.megatron import verify_megatron, write_megatron
