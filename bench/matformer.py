@@ -9,7 +9,8 @@
    the FLOPs ratio the counting predicts (Σ over widths of each width's FLOPs / the full
    model's). ``--cost-only`` runs just this.
 3. Self-speculative decoding with each smaller width as the draft: acceptance rate and tokens/s
-   vs plain greedy decoding of the full model (outputs checked identical).
+   vs plain greedy decoding of the full model, taking turns round by round (outputs checked
+   identical). ``--decode-only --joint-run DIR`` runs just this on a finished joint run.
 """
 
 from __future__ import annotations
@@ -69,6 +70,46 @@ def step_times(configs: dict, seq: int, steps: int) -> dict[str, float]:
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def decoding(joint_dir: Path, widths: list[int], new_tokens: int, repeats: int) -> None:
+    """Section 3: plain greedy decoding of the full model and self-speculative decoding with each
+    smaller width as the draft (k = 2, 4), taking turns in every round (a busy machine slows them
+    alike); median tokens/s over the rounds, speed-up = the median of each round's ratio to plain."""
+    model, _ = load_checkpoint_model(joint_dir / "checkpoints")
+    prompts = [torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+               for n in (4, 16, 32)]
+    greedy = [generate(model, p, new_tokens) for p in prompts]
+    drafts = [(m, k) for m in widths[:-1] for k in (2, 4)]
+    speeds: dict = {None: [], **{d: [] for d in drafts}}
+    proposed = dict.fromkeys(drafts, 0)
+    accepted = dict.fromkeys(drafts, 0)
+    same = dict.fromkeys(drafts, True)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for p in prompts:
+            generate(model, p, new_tokens)
+        speeds[None].append(len(prompts) * new_tokens / (time.perf_counter() - t0))
+        for m, k in drafts:
+            t0 = time.perf_counter()
+            results = [speculative_generate(model, p, new_tokens, draft_switch(model, m), k=k) for p in prompts]
+            speeds[(m, k)].append(len(prompts) * new_tokens / (time.perf_counter() - t0))
+            proposed[(m, k)] += sum(s.proposed for _, s in results)
+            accepted[(m, k)] += sum(s.accepted for _, s in results)
+            same[(m, k)] &= all(torch.equal(out, g) for (out, _), g in zip(results, greedy))
+
+    def median(values):
+        return sorted(values)[len(values) // 2]
+
+    print(f"Decoding {new_tokens} tokens after prompts of 4, 16 and 32 tokens, batch 1, {repeats} rounds taking "
+          "turns (medians):\n")
+    print("| draft width | draft tokens k | acceptance | tokens/s | vs plain greedy | output identical |")
+    print("|---:|---:|---:|---:|---:|---|")
+    print(f"| (plain greedy, full model) | – | – | {median(speeds[None]):.1f} | 1.00× | – |")
+    for m, k in drafts:
+        ratio = median([a / b for a, b in zip(speeds[(m, k)], speeds[None])])
+        print(f"| {m} | {k} | {accepted[(m, k)] / proposed[(m, k)]:.0%} | {median(speeds[(m, k)]):.1f} | "
+              f"{ratio:.2f}× | {same[(m, k)]} |")
+
+
 def train(run_dir: Path, overrides: list[str]) -> list[dict]:
     """``pretrain train`` with these arguments; the run's metrics records."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
@@ -86,9 +127,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cost-only", action="store_true", help="only the step-cost comparison (section 2)")
     parser.add_argument("--joint-run", default=None, help="reuse this finished joint run directory (same settings)")
+    parser.add_argument("--decode-only", action="store_true", help="only section 3, on the --joint-run checkpoint")
+    parser.add_argument("--repeats", type=int, default=5, help="decoding rounds (section 3); medians are reported")
     args = parser.parse_args()
     d_ff = 8 * args.d_model
     widths = [d_ff // 8, d_ff // 4, d_ff // 2, d_ff]
+    if args.decode_only:
+        if not args.joint_run:
+            parser.error("--decode-only needs --joint-run (a finished joint run of these settings)")
+        decoding(Path(args.joint_run), widths, args.new_tokens, args.repeats)
+        return
     common = [
         f"model.d_model={args.d_model}", f"model.n_layers={args.layers}",
         "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2", f"model.ffn.d_ff={d_ff}",
@@ -128,23 +176,7 @@ def main() -> None:
         print(f"| {m} | {row['params']:,} | {row['valid_loss']:.4f} | {alone:.4f} | {row['valid_loss'] - alone:+.4f} |")
     print("\n" + cost)
 
-    model, _ = load_checkpoint_model(joint_dir / "checkpoints")
-    prompts = [torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-               for n in (4, 16, 32)]
-    t0 = time.perf_counter()
-    greedy = [generate(model, p, args.new_tokens) for p in prompts]
-    plain = len(prompts) * args.new_tokens / (time.perf_counter() - t0)
-    print("| draft width | draft tokens k | acceptance | tokens/s | vs plain greedy | output identical |")
-    print("|---:|---:|---:|---:|---:|---|")
-    print(f"| (plain greedy, full model) | – | – | {plain:.1f} | 1.00× | – |")
-    for m in widths[:-1]:
-        for k in (2, 4):
-            t0 = time.perf_counter()
-            results = [speculative_generate(model, p, args.new_tokens, draft_switch(model, m), k=k) for p in prompts]
-            speed = len(prompts) * args.new_tokens / (time.perf_counter() - t0)
-            accepted = sum(s.accepted for _, s in results) / sum(s.proposed for _, s in results)
-            same = all(torch.equal(out, g) for (out, _), g in zip(results, greedy))
-            print(f"| {m} | {k} | {accepted:.0%} | {speed:.1f} | {speed / plain:.2f}× | {same} |")
+    decoding(joint_dir, widths, args.new_tokens, args.repeats)
     print(f"\n(run took {time.time() - started:.0f} s; {torch.get_num_threads()} threads; run dirs in {root})")
 
 

@@ -4,8 +4,9 @@
 - ``extract`` cuts every MatFormer layer to one width (``--granularity m``) or to one width per
   layer (``--per-layer m1,m2,...``, Mix'n'Match; decoders) and writes a standalone dense
   checkpoint in our format (``OUTPUT/checkpoints/step_N``: ``pretrain generate`` and ``export``
-  read it) and, when every layer has the same width and the family has a Hugging Face adapter,
-  a Hugging Face directory (``OUTPUT/hf``, ``LlamaForCausalLM`` for a decoder).
+  read it) and, when every layer has the same width and a Hugging Face class holds the
+  extracted config, a Hugging Face directory (``OUTPUT/hf``, ``LlamaForCausalLM`` for a
+  decoder; an encdec's SwiGLU FFNs have no T5 form, so none there, and the reason is printed).
 - ``sweep`` evaluates validation loss and parameter count of a list of Mix'n'Match choices — by
   default every uniform width and the paper's monotone choices (widths non-decreasing with depth)
   — and writes ``sweep.md``, ``sweep.json`` and ``sweep.png`` (loss vs parameters).
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from models.configtree import to_dict
-from models.counting import param_counts
 from models.ffn.matformer import set_granularity
 from models.ffn.matformer.extract import extract_config, extract_state_dict, per_layer_widths
 from models.spec import LossSettings, build_model, get_spec, hf_adapter
@@ -68,8 +69,12 @@ def extract_main(checkpoint, output, granularity: int | None = None, per_layer: 
         if source.is_file():
             shutil.copyfile(source, output / name)
     if len(set(widths)) == 1 and not getattr(config, "layer_overrides", None) and get_spec(config).hf:
-        adapter = hf_adapter(config)
-        adapter.to_hf_model(dense).save_pretrained(output / "hf")
+        try:
+            adapter = hf_adapter(config)
+        except ValueError as e:  # e.g. an encdec with SwiGLU FFNs: T5 has gated-GELU or ReLU ones
+            print(f"no Hugging Face directory written: {e}", file=sys.stderr)
+        else:
+            adapter.to_hf_model(dense).save_pretrained(output / "hf")
     return output
 
 
@@ -82,6 +87,20 @@ def monotone_choices(granularities: list[int], n_layers: int) -> list[list[int]]
         for cut in sorted({n_layers // 4, n_layers // 2, 3 * n_layers // 4} - {0, n_layers}):
             choices.append([a] * cut + [b] * (n_layers - cut))
     return choices
+
+
+def sub_model_params(config, widths: list[int]) -> tuple[int, int]:
+    """(total, non-embedding) parameters of the sub-model with these widths: the model's, less
+    the hidden units each narrowed MatFormer layer leaves out. Counted on the narrowed model, so
+    it also holds for mixes a family cannot extract (YOCO)."""
+    from models.counting import build_meta, count_params
+    from models.ffn.matformer import matformer_ffns
+
+    model = build_meta(config)
+    set_granularity(model, widths)
+    counts = count_params(model)
+    left_out = sum(ffn.inactive_params_per_token() for ffn in matformer_ffns(model))
+    return counts.total - left_out, counts.non_embedding - left_out
 
 
 def sweep_main(checkpoint, output, choices: list[list[int]] | None = None, batches: int | None = None) -> list[dict]:
@@ -119,8 +138,8 @@ def sweep_main(checkpoint, output, choices: list[list[int]] | None = None, batch
                 loss, _ = spec.loss(model(*args, **kwargs), spec.targets(batch), 1.0, settings)
                 total += float(loss)
                 tokens += float(spec.loss_tokens(batch))
-        counts = param_counts(extract_config(model.config, widths))
-        rows.append({"widths": widths, "params": counts.total, "non_embedding": counts.non_embedding,
+        params, non_embedding = sub_model_params(model.config, widths)
+        rows.append({"widths": widths, "params": params, "non_embedding": non_embedding,
                      "valid_loss": total / max(tokens, 1.0)})
     set_granularity(model, None)
     _write_sweep(rows, Path(output), path)

@@ -41,6 +41,7 @@ from pretrain.parallel.parallelize import build_parts
 from pretrain.parallel.runtime import ParallelRunner
 from pretrain.report import write_report
 from pretrain.signals import EXIT_CHECKPOINTED_FOR_REQUEUE, StopRequest
+from pretrain.storage_order import check_storage_order
 
 
 @dataclass
@@ -150,6 +151,7 @@ class Trainer:
         path = self.checkpoints.choose(self.config.checkpoint.resume)
         if path is None:
             return None
+        check_storage_order(path, self.config.model)
         extra = self.checkpoints.load(path, self.parts, self.optimizers)
         for scheduler in self.schedulers:
             scheduler.load_state_dict(extra["scheduler"])
@@ -249,7 +251,8 @@ class Trainer:
         if resumed_from is None and config.init_from:
             from pretrain.convert.init import load_initial_weights
 
-            resumed_from = f"{load_initial_weights(self.parts, config.init_from, self.run_dir)} (model.init_from, weights only)"
+            loaded = load_initial_weights(self.parts, config.init_from, self.run_dir, config.model)
+            resumed_from = f"{loaded} (model.init_from, weights only)"
         self.log = MetricsLogger(
             self.run_dir, config.logging, config.train.max_steps, self.step, config.to_dict(),
             is_main=self.dist.is_main,

@@ -73,9 +73,13 @@ def convert(
     overwrite: bool = False,
     model_config: str | None = None,
     progress_interval: float = 5.0,
+    config=None,
 ) -> dict:
     """Convert ``input_path`` (format ``src``) to ``output`` (format ``dst``); returns a summary
-    (tensors, bytes, seconds). Raises ConversionError on bad input, naming the problem and the fix."""
+    (tensors, bytes, seconds). Raises ConversionError on bad input, naming the problem and the fix.
+    ``config``: write the weights under this model config instead of the input's (same tensor
+    names and shapes; ``model.init_from`` passes the run's, so the output has the run's stored
+    order)."""
     from pretrain.convert.dcp_io import verify_dcp, write_dcp
     from pretrain.convert.hf_io import verify_safetensors_files, write_hf
     from pretrain.convert.megatron import verify_megatron, write_megatron
@@ -89,6 +93,13 @@ def convert(
     start = time.monotonic()
     shard_bytes = parse_size(shard_size)
     weights = read_weights(src, input_path, model_config)
+    if config is not None:  # the same tensors under another config of ours (e.g. another stored order)
+        from dataclasses import replace
+
+        from pretrain.convert.weights import check_against_config
+
+        check_against_config(weights.listing, config, str(input_path))
+        weights = replace(weights, config=config)
     if family is not None and weights.config.family != family:
         raise ConversionError(
             f"{input_path} holds a {weights.config.family} model, not --family {family}; drop --family or convert the "

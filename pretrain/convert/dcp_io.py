@@ -7,8 +7,9 @@ module's other tensors and put back in canonical order.
 
 Writing: a model-only checkpoint (``OUTPUT/checkpoints/step_NNNNNNNN`` with the config, the
 completion marker and the ``latest`` pointer; the tokenizer beside ``checkpoints/`` as in a run
-directory), saved in batches of at most ``batch_bytes`` whose DCP metadata are merged into one,
-so memory holds one batch.
+directory), each tensor in the order its module stores (``stored_state``, the inverse of
+``canonical_state``), saved in batches of at most ``batch_bytes`` whose DCP metadata are merged
+into one, so memory holds one batch.
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ def write_dcp(weights: Weights, out_dir: Path, batch_bytes: int, on_tensor=None)
     """Write ``weights`` as a model-only checkpoint run directory under ``out_dir``; returns the
     checksum of every tensor written (``on_tensor(name, tensor)`` is called for each)."""
     from models.configtree import to_dict
+    from models.counting import build_meta
     from pretrain.convert.tensorfile import checksum
 
     step = weights.step or 0
@@ -200,11 +202,20 @@ def write_dcp(weights: Weights, out_dir: Path, batch_bytes: int, on_tensor=None)
     checkpoint.mkdir(parents=True)
     sums: dict[str, str] = {}
 
+    stored = {
+        name: module for name, module in build_meta(weights.config).named_modules() if hasattr(module, "stored_state")
+    }
+
     def items():
         for name, tensor in weights.read():
-            sums[name] = checksum(tensor)
+            sums[name] = checksum(tensor)  # canonical order, as read_dcp gives it back
             if on_tensor:
                 on_tensor(name, tensor)
+            owner = next((m for m in stored if name.startswith(m + ".")), None)
+            if owner is not None:
+                one = {name: tensor}
+                stored[owner].stored_state(owner, one)
+                tensor = one[name]
             yield name, tensor
 
     save_batches(checkpoint, items(), batch_bytes, group="model")

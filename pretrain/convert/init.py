@@ -57,9 +57,10 @@ def apply_init_from(tree: dict, overrides: list[str]) -> dict:
     return {**tree, "model": section, "init_from": str(source)}
 
 
-def initial_checkpoint(source: str, run_dir: Path) -> Path:
+def initial_checkpoint(source: str, run_dir: Path, config=None) -> Path:
     """A complete model-only checkpoint holding ``source``'s weights (converted into
-    ``run_dir/init`` unless it already is one of ours). Run on one rank."""
+    ``run_dir/init`` unless it already is one of ours; written in the order a model of
+    ``config``, the run's, stores them). Run on one rank."""
     from pretrain.convert import convert
     from pretrain.convert.dcp_io import resolve
 
@@ -67,23 +68,28 @@ def initial_checkpoint(source: str, run_dir: Path) -> Path:
     if fmt == "dcp":
         return resolve(source)
     target = run_dir / INIT_DIR
-    convert(fmt, "dcp", source, target, overwrite=True)
+    convert(fmt, "dcp", source, target, overwrite=True, config=config)
     return resolve(target)
 
 
-def load_initial_weights(parts, source: str, run_dir: Path) -> Path:
+def load_initial_weights(parts, source: str, run_dir: Path, config=None) -> Path:
     """Collective: fill every rank's model parts with ``source``'s weights; returns the
-    checkpoint they were loaded from."""
+    checkpoint they were loaded from. ``config``: the run's model config (its stored order is
+    checked against the checkpoint's: pretrain/storage_order.py)."""
     import torch.distributed as dist
 
     from pretrain.checkpoint import CheckpointManager
+    from pretrain.errors import CheckpointError
+    from pretrain.storage_order import check_storage_order
 
     distributed = dist.is_available() and dist.is_initialized()
     box = [None, None]
     if not distributed or dist.get_rank() == 0:
         try:
-            box[0] = str(initial_checkpoint(source, run_dir))
-        except ConversionError as e:
+            box[0] = str(initial_checkpoint(source, run_dir, config))
+            if config is not None:
+                check_storage_order(Path(box[0]), config)
+        except (ConversionError, CheckpointError) as e:
             box[1] = str(e)
     if distributed:
         dist.broadcast_object_list(box, src=0)

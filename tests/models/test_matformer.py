@@ -88,6 +88,22 @@ def test_flops_at_each_width_count_only_the_active_units():
         assert training_flops_per_token(cfg, seq, level) == full - 3 * 3 * 2 * 3 * cfg.d_model * (128 - m)
 
 
+def test_flops_of_a_mix_n_match_sub_model():
+    """Mix'n'Match (one width per layer): the extracted dense model's training FLOPs are the full
+    model's minus 3 (fwd+bwd) · 2 · 3 projections · d · (d_ff − m_l) per layer, and the narrowed
+    MatFormer counts the same."""
+    from models.counting import build_meta, forward_flops_per_token
+
+    cfg, seq = config(), 16
+    full = training_flops_per_token(cfg, seq)
+    for widths in ([16, 32, 64], [64, 16, 128], [128, 128, 16]):
+        expected = full - sum(3 * 2 * 3 * cfg.d_model * (128 - m) for m in widths)
+        assert training_flops_per_token(extract_config(cfg, widths), seq) == expected
+        narrowed = build_meta(cfg)
+        set_granularity(narrowed, widths)
+        assert 3 * forward_flops_per_token(narrowed, seq) == expected
+
+
 def _loss(model, x):
     logits = model(x)
     return language_model_loss(logits[:, :-1], x[:, 1:], torch.ones_like(x[:, 1:]), normalizer=x[:, 1:].numel())[0]
@@ -155,3 +171,18 @@ def test_a_yoco_with_matformer_ffns_extracts_one_width_exactly():
         assert torch.equal(matformer(tokens()), dense(tokens()))
     with pytest.raises(ValueError, match="one width for all layers"):
         extract_config(yoco, [16, 32, 64, 128])
+    # Its mixes are counted on the narrowed model (pretrain matformer sweep): a uniform width
+    # agrees with the extracted model's tensors, a mix with the formula, and the narrowed model's
+    # active count is the sub-model's.
+    from models.counting import build_meta, count_params
+    from pretrain.matformer import sub_model_params
+
+    full = param_counts(yoco)
+    extracted = param_counts(extract_config(yoco, [32] * 4))
+    assert sub_model_params(yoco, [32] * 4) == (extracted.total, extracted.non_embedding)
+    mix = [16, 32, 64, 128]
+    expected = full.total - sum(3 * 32 * (128 - m) for m in mix)
+    assert sub_model_params(yoco, mix) == (expected, expected - full.embedding)
+    narrowed = build_meta(yoco)
+    set_granularity(narrowed, mix)
+    assert count_params(narrowed).active == expected and count_params(narrowed).total == full.total

@@ -10,11 +10,18 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from models.ffn.matformer import MatFormerConfig, set_granularity
+from models.passes import train_passes
+from models.spec import build_model
+from pretrain.parallel.config import ParallelConfig
+from pretrain.parallel.mesh import ParallelDims
+from pretrain.parallel.parallelize import build_parts
+from pretrain.parallel.runtime import ParallelRunner
 from tests.parallel.launch import launches_by_world
 from tests.parallel.test_parity import check_ranks
-from tests.parallel.workloads import TINY, decoder_loss, reference_run, train_layouts
+from tests.parallel.workloads import SEED, TINY, cut, decoder_loss, global_batch, reference_run, train_layouts
 
 STEPS = 4
 WIDTHS, WEIGHTS = [32, 64, 128], [1.0, 0.5, 2.0]
@@ -67,3 +74,33 @@ def launched():
 @pytest.mark.parametrize("world, name", CASES, ids=[name for _, name in CASES])
 def test_joint_training_matches_one_process(world, name, reference, launched):
     check_ranks([result[name] for result in launched(world)], reference)
+
+
+def test_joint_gradients_are_the_weighted_sum_of_each_widths_gradients():
+    """The trainer's joint step (the runner's passes: one backward per width into the same
+    gradients) against each width's gradient computed alone by autograd on a copy of the model,
+    summed with the weights λ; the unweighted sum differs (the weights are applied)."""
+    cpu = torch.device("cpu")
+    dims = ParallelDims.resolve(ParallelConfig(), 1)
+    parts = build_parts(MATFORMER, ParallelConfig(), dims, None, cpu, seed=SEED)
+    runner = ParallelRunner(parts, dims, None, cpu, n_microbatches=2)
+    batch = global_batch(0)
+    tokens = float(batch["loss_mask"].sum())
+    micro_batches = [cut(batch, 0, 4), cut(batch, 4, 4)]
+    runner.forward_backward(micro_batches, tokens, train_passes(MATFORMER, 0, SEED))
+    joint = {name: p.grad for name, p in parts.parts[0].named_parameters()}
+
+    copy = build_model(MATFORMER)
+    copy.load_state_dict(parts.parts[0].state_dict())
+    names, params = zip(*copy.named_parameters())
+    weighted = [torch.zeros_like(p) for p in params]
+    unweighted = [torch.zeros_like(p) for p in params]
+    for m, weight in zip(WIDTHS, WEIGHTS):
+        set_granularity(copy, m)
+        loss = sum(decoder_loss(copy, mb, tokens, 0.5)[0] for mb in micro_batches)
+        for w, u, g in zip(weighted, unweighted, torch.autograd.grad(loss, params)):
+            w.add_(g, alpha=weight)
+            u.add_(g)
+    for name, w, u in zip(names, weighted, unweighted):
+        torch.testing.assert_close(joint[name], w, rtol=1e-5, atol=1e-8, msg=name)
+    assert any((joint[name] - u).abs().max() > 1e-4 for name, u in zip(names, unweighted))

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.counting import param_counts
 from models.ffn.matformer import set_granularity
+from models.ffn.matformer.extract import extract_config
 from models.generate import generate
 from models.speculative import speculative_generate
 from pretrain.config import load_config
@@ -107,9 +109,12 @@ def test_sweep_counts_and_losses(trained, cache, tmp_path):
     assert (tmp_path / "sweep.png").is_file() and (tmp_path / "sweep.md").is_file()
     full = next(r for r in rows if r["widths"] == [1024] * 4)
     assert [1024, 1024, 1024, 1024] in [r["widths"] for r in rows] and len(rows) > 3
+    model, _ = load_checkpoint_model(trained / "checkpoints")
     for r in rows:
         assert r["widths"] == sorted(r["widths"]), "default choices never shrink with depth"
         assert r["params"] == full["params"] - sum(3 * 128 * (1024 - m) for m in r["widths"])
+        standalone = param_counts(extract_config(model.config, r["widths"]))  # the extracted model's tensors
+        assert (r["params"], r["non_embedding"]) == (standalone.total, standalone.non_embedding)
     last = [r for r in records(trained) if "valid_loss" in r][-1]
     for m in (64, 256, 1024):  # the run's own validation of each width (same batches)
         row = next(r for r in rows if r["widths"] == [m] * 4)
@@ -142,10 +147,10 @@ def test_generate_command_with_a_draft_prints_the_plain_greedy_text(trained, cac
     assert bad.returncode == 2 and "nested widths are ['64', '256', '1024']" in bad.stderr
 
 
-def train_sampled(rank: int, world: int, cache: str, run_dir: str, overrides: list[str]) -> dict:
+def train_sampled(rank: int, world: int, cache: str, run_dir: str, overrides: list[str], mode: str = "sampled") -> dict:
     os.environ["PRETRAIN_CACHE"] = cache
     small = ["model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2",
-             "model.ffn.d_ff=256", "model.ffn.granularities=[64,128,256]", "model.ffn.train_mode=sampled",
+             "model.ffn.d_ff=256", "model.ffn.granularities=[64,128,256]", f"model.ffn.train_mode={mode}",
              "model.ffn.tp_interleave=2", "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0",
              "train.global_batch=8", "train.micro_batch=4", "train.max_steps=8", "train.eval_interval=0",
              "schedule.warmup_steps=2", "logging.interval=1", "checkpoint.interval=4"]
@@ -182,6 +187,12 @@ def test_sampled_widths_resume_across_layouts(cache, tmp_path):
     dense, _ = load_checkpoint_model(tmp_path / "m64" / "checkpoints")
     set_granularity(model, 64)
     assert torch.equal(logits_at(dense, tokens), logits_at(model, tokens))
+    extract_main(checkpoint, tmp_path / "mix", per_layer=[128, 64])  # Mix'n'Match, also exact
+    mixed, _ = load_checkpoint_model(tmp_path / "mix" / "checkpoints")
+    assert [f.d_ff for f in mixed.config.layers().ffns] == [128, 64]
+    set_granularity(model, [128, 64])
+    assert torch.equal(logits_at(mixed, tokens), logits_at(model, tokens))
+    set_granularity(model, 64)
     # The safetensors export is in canonical order: its first 64 units are the extracted model's.
     from safetensors.torch import load_file
 
@@ -191,3 +202,80 @@ def test_sampled_widths_resume_across_layouts(cache, tmp_path):
     for key in ("layers.0.ffn.w1.weight", "layers.1.ffn.w3.weight"):
         assert torch.equal(exported[key][:64], dense.state_dict()[key])
     assert torch.equal(exported["layers.1.ffn.w2.weight"][:, :64], dense.state_dict()["layers.1.ffn.w2.weight"])
+
+
+@pytest.mark.parametrize("mode", ["joint", "sampled"])
+def test_step_flops_count_every_widths_work(cache, tmp_path, mode):
+    """The FLOPs a trainer step reports (tflops, MFU) are Σ over the step's widths of the
+    training FLOPs of a plain ``swiglu`` decoder of that width: four widths in a joint step,
+    the drawn one in a sampled step."""
+    import dataclasses
+
+    from models.counting import training_flops_per_token
+    from models.ffn.swiglu import SwiGLUConfig
+
+    os.environ["PRETRAIN_CACHE"] = str(cache)
+    config = load_config("matformer-tiny", [
+        "model.d_model=64", "model.n_layers=2", "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2",
+        "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0", "train.global_batch=4",
+        "train.micro_batch=4", "train.max_steps=3", "schedule.warmup_steps=1", f"model.ffn.train_mode={mode}",
+        f"run.dir={tmp_path}",
+    ])
+    trainer = Trainer(config, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    trainer.train_iter = iter(trainer.train_loader)
+    widths_of = (128, 256, 512, 1024)
+    dense = {m: training_flops_per_token(dataclasses.replace(config.model, ffn=SwiGLUConfig(d_ff=m)), 64)
+             for m in widths_of}
+    for _ in range(3):
+        result = trainer.train_step()
+        widths = sorted(int(k[len("loss/m"):]) for k in trainer.loss_terms if k.startswith("loss/m"))
+        assert widths == (list(widths_of) if mode == "joint" else widths[:1]) and widths
+        assert result.flops == result.tokens * sum(dense[m] for m in widths)
+
+
+def test_joint_training_resumes_across_layouts(cache, tmp_path):
+    """Joint training (every width each step) under FSDP2 equals one process; FSDP2's step-4
+    checkpoint resumed under PP2 continues like the uninterrupted one-process run, every
+    width's logged loss included."""
+    one, fsdp2, resumed = tmp_path / "one", tmp_path / "fsdp2", tmp_path / "resumed"
+    assert run_ranks(1, train_sampled, str(cache), str(one), [], "joint")[0]["code"] == 0
+    assert all(r["code"] == 0 for r in run_ranks(2, train_sampled, str(cache), str(fsdp2), [], "joint"))
+    checkpoint = fsdp2 / "checkpoints" / "step_00000004"
+    assert all(r["code"] == 0 for r in run_ranks(
+        2, train_sampled, str(cache), str(resumed), ["parallel.pp=2", f"checkpoint.resume={checkpoint}"], "joint"
+    ))
+    a, b, c = step_losses(one), step_losses(fsdp2), step_losses(resumed)
+    widths = ["loss/m128", "loss/m256", "loss/m64"]
+    assert sorted(a) == sorted(b) == list(range(1, 9)) and sorted(c) == [5, 6, 7, 8]
+    for step, (loss, names) in a.items():
+        assert names == widths and b[step][1] == widths and b[step][0] == pytest.approx(loss, abs=1e-5), step
+        if step in c:
+            assert c[step][1] == widths and c[step][0] == pytest.approx(loss, abs=1e-5), step
+    per_width = [r for r in records(resumed) if r.get("step") == 8][0]
+    expected = [r for r in records(one) if r.get("step") == 8][0]
+    for name in widths:
+        assert per_width[name] == pytest.approx(expected[name], abs=1e-5), name
+
+
+def test_sweep_of_a_yoco_matformer_evaluates_its_mixes(cache, tmp_path):
+    """YOCO extracts one width for all layers only; ``sweep`` still evaluates its monotone mixes
+    in place: each row's parameters follow the formula, and the uniform rows' losses are the
+    run's own validation of those widths."""
+    from pretrain.matformer import sweep_main
+
+    run_dir = tmp_path / "yoco"
+    pretrain(cache, "train", "--config", "yoco-tiny", "model.d_model=64", "model.n_layers=4", "model.self_layers=2",
+             "model.mixer.n_heads=4", "model.mixer.n_kv_heads=2", "model.cross.n_heads=4", "model.cross.n_kv_heads=2",
+             "model.ffn.kind=matformer", "model.ffn.d_ff=256", "model.ffn.granularities=[64,128,256]",
+             "model.mixer.window=16", "model.max_seq_len=64", "data.seq_len=64", "data.num_workers=0",
+             "train.global_batch=4", "train.micro_batch=4", "train.max_steps=4", "train.eval_interval=4",
+             "train.eval_batches=2", "schedule.warmup_steps=1", "checkpoint.interval=4", f"run.dir={run_dir}")
+    rows = sweep_main(run_dir / "checkpoints", tmp_path / "sweep")
+    assert any(len(set(r["widths"])) > 1 for r in rows)
+    full = next(r for r in rows if r["widths"] == [256] * 4)
+    for r in rows:
+        assert r["params"] == full["params"] - sum(3 * 64 * (256 - m) for m in r["widths"])
+    last = [r for r in records(run_dir) if "valid_loss" in r][-1]
+    for m in (64, 128, 256):
+        row = next(r for r in rows if r["widths"] == [m] * 4)
+        assert row["valid_loss"] == pytest.approx(last[f"valid_loss/m{m}"], abs=1e-5)

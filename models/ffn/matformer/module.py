@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from models.ffn.matformer.layout import interleave_perm, to_canonical
+from models.ffn.matformer.layout import interleave_perm, to_canonical, to_stored
 from models.ffn.swiglu import SwiGLU
 from models.linear import Linear, linear
 
@@ -93,13 +93,36 @@ class MatFormerFFN(SwiGLU):
         self.set_granularity(None if level is None else self.granularities[level])
 
     def canonical_state(self, name: str, weights: dict[str, torch.Tensor]) -> None:
-        """Rewrite this layer's entries of a full state dict (keys ``<name>.w1.weight``...) from
-        the stored (TP-interleaved) order to the canonical one, in place (pretrain export)."""
+        """Rewrite this layer's entries of a state dict (keys ``<name>.w1.weight``...; any of
+        them may be absent) from the stored (TP-interleaved) order to the canonical one, in place
+        (pretrain export, conversion)."""
+        self._reorder(name, weights, to_canonical)
+
+    def storage_order(self) -> str:
+        """How this layer's weights are ordered in a checkpoint (compared before loading one)."""
+        if self.tp_interleave == 1:
+            return "hidden units in canonical order (tp_interleave=1)"
+        return (
+            f"hidden units interleaved for tp_interleave={self.tp_interleave} over granularities {self.granularities}"
+        )
+
+    def stored_state(self, name: str, weights: dict[str, torch.Tensor]) -> None:
+        """The inverse of :meth:`canonical_state`: canonical → stored order, in place (a
+        conversion that writes our checkpoint format)."""
+        self._reorder(name, weights, to_stored)
+
+    def _reorder(self, name: str, weights: dict[str, torch.Tensor], reorder) -> None:
         if self.tp_interleave == 1:
             return
         perm = interleave_perm(self.granularities, self.tp_interleave)
         for key, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
-            weights[f"{name}.{key}.weight"] = to_canonical(weights[f"{name}.{key}.weight"], perm, dim)
+            if f"{name}.{key}.weight" in weights:
+                weights[f"{name}.{key}.weight"] = reorder(weights[f"{name}.{key}.weight"], perm, dim)
+
+    def inactive_params_per_token(self) -> int:
+        """Parameters of the hidden units outside the active width (models/counting.py: a
+        narrowed model's ``active`` count is its sub-model's)."""
+        return 3 * self.d_model * (self.d_ff - self.granularity)
 
     def linear_flops_per_token(self) -> int:
         """Forward FLOPs of the three projections at the active width (models/counting.py)."""
