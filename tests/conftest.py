@@ -13,11 +13,19 @@ from pretrain.builtin_data import prepare_builtin_corpus
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    """A ``PRETRAIN_CACHE`` with the built-in corpus and tokenizer prepared, once per session."""
+def builtin_preparation(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The built-in corpus and tokenizer prepared once per session into a fresh cache: the cache
+    root and the lines the preparation printed."""
     root = tmp_path_factory.mktemp("pretrain-cache")
-    prepare_builtin_corpus(root, log=lambda message: None)
-    return root
+    messages: list[str] = []
+    prepare_builtin_corpus(root, log=messages.append)
+    return root, messages
+
+
+@pytest.fixture(scope="session")
+def cache(builtin_preparation) -> Path:
+    """A ``PRETRAIN_CACHE`` with the built-in corpus and tokenizer prepared, once per session."""
+    return builtin_preparation[0]
 
 
 @pytest.fixture(scope="session")

@@ -241,12 +241,14 @@ def test_the_banner_states_the_run(cache, tmp_path):
     from pretrain.banner import run_banner
 
     trainer = small_trainer(cache, tmp_path, "train.max_steps=10")
-    lines = run_banner(trainer.config, trainer.dims, trainer.data.paths, None, 0)
+    lines = run_banner(trainer.config, trainer.dims, trainer.data.paths, None, 0, "tiny")
     text = "\n".join(lines)
     total = sum(p.numel() for p in trainer.model.parameters())
     embedding = trainer.model.embed.weight.numel()
-    assert f"decoder, 2 blocks: {total / 1e6:,.2f}M parameters" in text, text
+    assert f"decoder (preset tiny), 2 blocks: {total / 1e6:,.2f}M parameters ({total / 1e6:,.2f}M active" in text, text
     assert f"{embedding / 1e6:,.2f}M embedding" in text, text
+    assert lines[1].startswith("layout  1 rank(s): "), lines
+    assert f"run     {tmp_path}" in lines, lines
     assert "8 sequences x 64 tokens = 512 tokens per step (micro-batch 4 per rank, 2 accumulation" in text, text
     assert "10 steps = 5,120 tokens" in text, text
     (shards,) = trainer.data.paths
@@ -260,6 +262,38 @@ def test_the_banner_states_the_run(cache, tmp_path):
     assert "kernels attention=math in every attention layer (overrides model.mixer.backend=sdpa)" in lines, lines
 
 
+def test_the_banner_counts_active_parameters_of_an_moe_model(cache, tmp_path):
+    """moe-tiny routes each token to top_k of n_experts experts: active = every parameter
+    outside the routed experts + top_k / n_experts of the experts' (counted on the built model)."""
+    from pretrain.banner import run_banner
+
+    os.environ["PRETRAIN_CACHE"] = str(cache)
+    config = load_config("moe-tiny", [*SMALL, f"run.dir={tmp_path}", "train.max_steps=10"])
+    trainer = Trainer(config, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    ffn = config.model.ffn
+    experts = sum(p.numel() for name, p in trainer.model.named_parameters() if ".experts." in name)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    assert 0 < experts < total
+    active = total - experts + experts * ffn.top_k // ffn.n_experts
+    model_line = run_banner(config, trainer.dims, trainer.data.paths, None, 0, "moe-tiny")[0]
+    assert f"(preset moe-tiny), 2 blocks: {total / 1e6:,.2f}M parameters ({active / 1e6:,.2f}M active" in model_line
+
+
+def test_preparing_the_built_in_corpus_says_what_and_how_long(builtin_preparation):
+    """On first use each stage is announced and the total time reported; a prepared cache is
+    reused silently."""
+    from pretrain.builtin_data import prepare_builtin_corpus
+
+    root, messages = builtin_preparation
+    assert [m.split(" ")[0] for m in messages] == ["preparing", "training", "tokenizing", "built-in"], messages
+    assert "King James Bible" in messages[0] and "4096-piece BPE tokenizer" in messages[1]
+    seconds = messages[-1].removeprefix("built-in corpus ready in ").split(" s ")[0]
+    assert float(seconds) > 0 and str(root) in messages[-1], messages[-1]
+    again: list[str] = []
+    prepare_builtin_corpus(root, log=again.append)
+    assert again == []
+
+
 def test_diverging_run_stops_with_one_error_line_and_status_3(cache, tmp_path, monkeypatch, capsys):
     """A learning rate of 1e30 makes every loss after the first update NaN."""
     from pretrain.cli import main
@@ -267,7 +301,8 @@ def test_diverging_run_stops_with_one_error_line_and_status_3(cache, tmp_path, m
     monkeypatch.setenv("PRETRAIN_CACHE", str(cache))
     code = main(["train", *SMALL, f"run.dir={tmp_path}", "train.max_steps=20", "train.eval_interval=0",
                  "optim.lr=1e30", "schedule.warmup_steps=1", "train.max_bad_steps=2"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "model   decoder (preset tiny), 2 blocks" in out, out  # the banner names the default preset
     assert code == 3, err
     assert err.startswith("error: 2 consecutive steps had a non-finite loss") and "Traceback" not in err
     assert err.count("\n") == 1, err
