@@ -40,8 +40,9 @@ LAYOUTS = {
         "tp2_fsdp2": (dict(tp=2), 2),
         "pp2_tp2": (dict(pp=2, tp=2), 2),
         "replicate2_tp2": (dict(dp_replicate=2, dp_shard=1, tp=2), 2),  # FSDP2 replicating: DDP holds no DTensors
-        # Every pipeline schedule with TP2 + SP and with FSDP2 (zero-bubble splits the backward).
+        # Every pipeline schedule with TP2 (with and without SP) and with FSDP2 (zero-bubble splits the backward).
         **{f"pp2_tp2_sp_{name}": (dict(pp=2, tp=2, sp=True, **schedule), 1) for name, schedule in SCHEDULES.items()},
+        **{f"pp2_tp2_{name}": (dict(pp=2, tp=2, sp=False, **schedule), 1) for name, schedule in SCHEDULES.items()},
         **{f"pp2_fsdp2_{name}": (dict(pp=2, dp_shard=2, **schedule), 1) for name, schedule in SCHEDULES.items()},
     },
     8: {"pp2_fsdp2_tp2": (dict(pp=2, tp=2, dp_shard=2), 1)},
