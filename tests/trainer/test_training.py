@@ -308,6 +308,44 @@ def test_diverging_run_stops_with_one_error_line_and_status_3(cache, tmp_path, m
     assert err.count("\n") == 1, err
 
 
+def test_a_damaged_latest_checkpoint_through_the_command_line(cache, reference_run, tmp_path, monkeypatch, capsys):
+    """Bytes flipped in a shard of the latest checkpoint (step 12) of a copy of the reference run:
+    naming it is one error line (status 2); checkpoint.resume=auto warns, naming the damage, and
+    falls back to step 9, whose continuation repeats the reference's steps 10-12 bit for bit."""
+    import logging
+    import shutil
+
+    from pretrain.cli import main
+
+    monkeypatch.setenv("PRETRAIN_CACHE", str(cache))
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    latest = run_dir / "checkpoints" / "step_00000012"
+    shard = sorted(latest.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (run_dir / "metrics.jsonl").write_text("")
+    command = ["train", *SMALL, f"run.dir={run_dir}", "train.max_steps=12", "checkpoint.interval=3"]
+
+    assert main([*command, f"checkpoint.resume={latest}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint.resume={latest} is damaged: ") and err.count("\n") == 1, err
+    assert "SHA-256" in err and shard.name in err, err
+
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("pretrain.checkpoint").addHandler(handler)
+    try:
+        assert main(command) == 0
+    finally:
+        logging.getLogger("pretrain.checkpoint").removeHandler(handler)
+    assert any("step_00000012" in w and shard.name in w for w in warnings), warnings
+    assert "checkpoints/step_00000009 at step 9" in capsys.readouterr().out
+    assert losses(run_dir) == {step: losses(reference_run)[step] for step in (10, 11, 12)}
+
+
 def test_generate_and_export_from_the_trained_run(reference_run, tmp_path):
     """`pretrain generate` continues the prompt greedily and deterministically with the tokenizer
     saved in the run; `pretrain export` writes weights equal to the checkpoint's model."""
