@@ -99,10 +99,16 @@ def test_the_run_writes_a_report_whose_numbers_are_its_metrics(reference_run, tm
 
     other = tmp_path / "other"
     other.mkdir()
-    (other / "metrics.jsonl").write_text("\n".join(json.dumps({**r, "loss": 1.0}) for r in train) + "\n")
+    # A second run as a GPU run would log it (MFU is logged only where the device's peak is known).
+    mfu = [0.2 + 0.01 * i for i in range(len(train))]
+    (other / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({**r, "loss": 1.0, "mfu": m}) for r, m in zip(train, mfu)) + "\n"
+    )
     assert main(["report", str(reference_run), str(other), "--output", str(tmp_path / "both")]) == 0
     rows = (tmp_path / "both" / "summary.md").read_text().splitlines()[4:]
     assert [r.split(" | ")[2] for r in rows] == [f"{train[-1]['loss']:.4f}", "1.0000"]
+    assert [r.split(" | ")[5] for r in rows] == ["—", f"{sum(mfu) / len(mfu):.2%}"]
+    assert (tmp_path / "both" / "mfu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
 
