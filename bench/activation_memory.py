@@ -6,7 +6,7 @@ Three markdown tables:
 
 1. One process: for blocks shaped like the named presets (2 blocks each), the bytes per block
    that autograd keeps for backward, measured with saved-tensor hooks
-   (pretrain.parallel.memory.ActivationMeter), next to the derivation
+   (tools.activation_meter.ActivationMeter), next to the derivation
    (models.decoder.activations.block_activation_bytes), for each recompute mode, in fp32 and with
    bf16 parameters (the FSDP2 mixed-precision regime), SDPA on unpacked causal rows.
 2. The same per rank under TP2 and TP2+SP (2 gloo processes, bf16, the first shape).
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.decoder.activations import block_activation_bytes  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
-from pretrain.parallel.memory import measure_activations  # noqa: E402
+from tools.activation_meter import measure_activations  # noqa: E402
 from pretrain.parallel.recompute import RECOMPUTE_MODES  # noqa: E402
 
 MIB = 2**20

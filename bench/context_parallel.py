@@ -6,7 +6,7 @@ A decoder of 2 blocks (d_model 256, 8 query / 4 KV heads of 32, SwiGLU 704, fp32
 per step: one causal document, or packed documents of 512 tokens (a document mask). Two markdown
 tables:
 
-1. Saved activation bytes per block and rank (pretrain.parallel.memory.ActivationMeter: what
+1. Saved activation bytes per block and rank (tools.activation_meter.ActivationMeter: what
    autograd keeps for backward) at each sequence length and cp degree, next to cp=1's bytes / cp,
    for one document (cp=1: SDPA's fused causal kernel) and for packed documents (cp=1: SDPA
    with a mask, whose CPU kernel keeps the S² probabilities).
@@ -40,7 +40,7 @@ from models.ffn.swiglu import SwiGLUConfig  # noqa: E402
 from models.spec import build_model  # noqa: E402
 from pretrain.parallel.context.apply import apply_cp  # noqa: E402
 from pretrain.parallel.context.zigzag import shard_sequence  # noqa: E402
-from pretrain.parallel.memory import ActivationMeter  # noqa: E402
+from tools.activation_meter import ActivationMeter  # noqa: E402
 
 MIB = 2**20
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, DOC = 8, 4, 32, 2, 512

@@ -18,14 +18,17 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:,.2f}M"
 
 
-def run_banner(config: Config, dims: ParallelDims, data_paths: list, resumed_from: str | None, step: int) -> list[str]:
-    """``model``, ``layout``, ``batch``, ``length``, ``data``, ``run`` and ``resume`` lines."""
+def run_banner(
+    config: Config, dims: ParallelDims, data_paths: list, resumed_from: str | None, step: int, preset: str | None = None
+) -> list[str]:
+    """``model``, ``layout``, ``batch``, ``length``, ``data``, ``run`` and ``resume`` lines;
+    ``preset`` is the ``--config`` the run was loaded from (a preset name or a YAML path)."""
     model, train, seq_len = config.model, config.train, config.data.seq_len
     counts = param_counts(model)
     tokens_per_step = train.global_batch * seq_len
     accumulation = train.global_batch // (train.micro_batch * dims.dp)
     lines = [
-        f"model   {model.family}, {model.n_blocks} blocks: "
+        f"model   {model.family}{f' (preset {preset})' if preset else ''}, {model.n_blocks} blocks: "
         f"{_millions(counts.total)} parameters ({_millions(counts.active)} active per token, "
         f"{_millions(counts.embedding)} embedding)",
         f"layout  {dims.world} rank(s): {dims.describe()}",

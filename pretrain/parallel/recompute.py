@@ -95,7 +95,7 @@ def apply_ac(
     """Apply recomputation ``mode`` to the blocks of ``model`` (a whole model or a pipeline
     stage) whose index in ``block_order`` (default: this model's blocks) is a multiple of
     ``every``, in place. Call after tensor parallelism and before compile and FSDP. ``policy``
-    is the ``op`` mode's rule (pretrain/parallel/memory.py wraps it to see what it keeps)."""
+    is the ``op`` mode's rule (tools/activation_meter.py wraps it to see what it keeps)."""
     if mode not in RECOMPUTE_MODES:
         raise ValueError(f"unknown recompute mode {mode!r}; choose one of {RECOMPUTE_MODES}")
     if every < 1:

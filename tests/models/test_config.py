@@ -131,8 +131,13 @@ def test_round_trip_through_a_dict():
     assert ModelConfig.from_dict(tree) == config
 
 
-@pytest.mark.parametrize("preset", ["tiny", "125m", "350m", "1b"])
-def test_presets_hold_a_valid_model_section(preset):
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_is_a_valid_run_config(preset):
+    """Every shipped preset: its model section builds a config of the family it names, and the
+    whole run config passes the cross-section validation `pretrain train` runs."""
+    from pretrain.config import load_config
+
     tree = load_yaml(CONFIGS / f"{preset}.yaml")
-    assert "model" in tree
-    ModelConfig.from_dict(tree["model"])
+    model = ModelConfig.from_dict(tree["model"])
+    assert model.family == tree["model"].get("family", "decoder")
+    assert load_config(preset).model == model

@@ -2,15 +2,21 @@
 one (pp, dp, tp) layout resumes under another — TP2 → FSDP2 (the data-parallel degree, and so
 each rank's slice of the global batch, changes from 1 to 2), PP2×TP2 → one process — and
 continues with the losses of the uninterrupted run, and bit for bit when resumed under the saving
-layout (DDP, FSDP2, HSDP, TP2, PP2, PP2×TP2); the consolidated export of a checkpoint is the same from
-every layout."""
+layout (DDP, FSDP2, HSDP, TP2, PP2, PP2×TP2), also as a real torchrun job SIGKILLed mid-run and
+started again; the consolidated export of a checkpoint is the same from every layout."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -139,3 +145,56 @@ def test_export_is_the_trained_model_from_every_layout(runs, name, tmp_path):
     assert exported.keys() == trained.keys() == runs["weights"]["single"].keys()
     for key, value in trained.items():
         assert torch.equal(exported[key], value), key
+
+
+KILLED_LAYOUTS = {  # the layouts docs/parallelism.md recommends (one process: tests/trainer/test_training.py)
+    "fsdp2": (2, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
+    "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+}
+
+
+def kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank at once, as a lost node would (torchrun starts its
+    workers in sessions of their own, so killing its process group would leave them running)."""
+    launcher = psutil.Process(job.pid)
+    processes = [launcher, *launcher.children(recursive=True)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=60)
+    job.wait()
+
+
+def logged_steps(run_dir: Path) -> int:
+    """The last step in metrics.jsonl so far (0 before the file exists or while a line is cut)."""
+    try:
+        return max(losses(run_dir), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+@pytest.mark.parametrize("name", list(KILLED_LAYOUTS))
+def test_sigkilled_job_resumes_bit_exactly(runs, cache, name, tmp_path):
+    """A real job (torchrun, every rank a process) SIGKILLed as a whole after a seeded step past
+    its step-4 checkpoint, then started again with the same command (checkpoint.resume=auto),
+    logs the uninterrupted run's losses for steps 5-8 bit for bit."""
+    seed = int(os.environ.get("KILL_SEED", random.SystemRandom().randrange(1 << 30)))
+    kill_after = random.Random(seed).randint(5, 6)
+    print(f"kill point seed: KILL_SEED={seed} (kill after step {kill_after})")
+    world, layout = KILLED_LAYOUTS[name]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+        "-m", "pretrain", "train", *SMALL, *layout, f"run.dir={tmp_path}",
+    ]
+    env = dict(os.environ, PRETRAIN_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while job.poll() is None and logged_steps(tmp_path) < kill_after:
+            time.sleep(0.02)
+    finally:
+        kill_job(job)
+    assert max(losses(tmp_path)) < 8, f"the job ended before the kill (KILL_SEED={seed})"
+    restarted = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert restarted.returncode == 0, restarted.stdout[-3000:] + restarted.stderr[-3000:]
+    assert "resumed from" in restarted.stdout and "step_00000004" in restarted.stdout, restarted.stdout[-3000:]
+    uninterrupted = losses(runs["dirs"][name])
+    assert losses(tmp_path) == uninterrupted, f"killed after step {kill_after} (KILL_SEED={seed})"

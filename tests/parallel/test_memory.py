@@ -9,7 +9,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from models.decoder.activations import BACKEND_EXTRAS, block_activation_bytes, block_activation_terms
-from pretrain.parallel.memory import measure_activations
+from tools.activation_meter import measure_activations
 from pretrain.parallel.recompute import RECOMPUTE_MODES
 from tests.parallel.launch import run_ranks
 from tests.parallel.workloads import TINY, variant

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
+from torch.distributed.tensor import DTensor
 
+from pretrain.parallel.config import ParallelConfig
 from tests.parallel.launch import run_ranks
-from tests.parallel.workloads import TINY, reference_run, train_layouts
+from tests.parallel.workloads import TINY, ParallelTraining, reference_run, train_layouts
 
 STEPS = 5
 SCHEDULES = {
@@ -40,8 +43,9 @@ LAYOUTS = {
         "tp2_fsdp2": (dict(tp=2), 2),
         "pp2_tp2": (dict(pp=2, tp=2), 2),
         "replicate2_tp2": (dict(dp_replicate=2, dp_shard=1, tp=2), 2),  # FSDP2 replicating: DDP holds no DTensors
-        # Every pipeline schedule with TP2 + SP and with FSDP2 (zero-bubble splits the backward).
+        # Every pipeline schedule with TP2 (with and without SP) and with FSDP2 (zero-bubble splits the backward).
         **{f"pp2_tp2_sp_{name}": (dict(pp=2, tp=2, sp=True, **schedule), 1) for name, schedule in SCHEDULES.items()},
+        **{f"pp2_tp2_{name}": (dict(pp=2, tp=2, sp=False, **schedule), 1) for name, schedule in SCHEDULES.items()},
         **{f"pp2_fsdp2_{name}": (dict(pp=2, dp_shard=2, **schedule), 1) for name, schedule in SCHEDULES.items()},
     },
     8: {"pp2_fsdp2_tp2": (dict(pp=2, tp=2, dp_shard=2), 1)},
@@ -57,11 +61,23 @@ CASES = [(world, name) for world, layouts in LAYOUTS.items() for name in layouts
 TIED_CASES = [(world, name) for world, layouts in TIED_LAYOUTS.items() for name in layouts]
 
 
+def tied_state(training: ParallelTraining) -> dict:
+    """Whether this rank's head still shares the embedding's Parameter after training, and the
+    embedding as this rank holds it (gathered whole when sharded)."""
+    (part,) = training.parts.parts
+    model = getattr(part, "module", part)  # DDP wraps
+    embedding = model.embed.weight
+    whole = embedding.full_tensor() if isinstance(embedding, DTensor) else embedding.detach().clone()
+    return {"shared": model.head.weight is embedding, "embedding": whole}
+
+
 def train_both(rank: int, world: int, steps: int) -> dict:
-    return {
-        **train_layouts(rank, world, LAYOUTS[world], steps),
-        **train_layouts(rank, world, TIED_LAYOUTS[world], steps, model_config=TIED),
-    }
+    results = train_layouts(rank, world, LAYOUTS[world], steps)
+    for name, (fields, micro) in TIED_LAYOUTS[world].items():
+        training = ParallelTraining(world, ParallelConfig(**fields), micro, model_config=TIED)
+        results[name] = [training.step(step) for step in range(steps)]
+        results[f"{name}/state"] = tied_state(training)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -109,4 +125,11 @@ def test_layout_matches_one_process(world, name, reference, launched):
 
 @pytest.mark.parametrize("world, name", TIED_CASES, ids=[name for _, name in TIED_CASES])
 def test_tied_embeddings_match_one_process(world, name, tied_reference, launched):
-    check_ranks([result[name] for result in launched(world)], tied_reference)
+    """Every rank reports the reference's losses, keeps its head tied to its embedding, and ends
+    with the same embedding (replicas included)."""
+    results = launched(world)
+    check_ranks([result[name] for result in results], tied_reference)
+    states = [result[f"{name}/state"] for result in results]
+    assert [state["shared"] for state in states] == [True] * world
+    for rank, state in enumerate(states[1:], 1):
+        assert torch.equal(state["embedding"], states[0]["embedding"]), f"rank {rank}"

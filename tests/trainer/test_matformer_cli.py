@@ -70,6 +70,14 @@ def test_validation_loss_is_ordered_by_width(trained):
         assert r["loss"] == pytest.approx(sum(r[f"loss/m{m}"] for m in (64, 256, 1024)), rel=1e-9)
 
 
+def test_the_report_plots_each_widths_loss(trained):
+    """The report written at the end of the run has one plot per logged per-width loss."""
+    widths = sorted({key for r in records(trained) for key in r if key.startswith("loss/m")})
+    assert widths == ["loss/m1024", "loss/m256", "loss/m64"], widths
+    for key in widths:
+        assert (trained / "report" / f"{key.replace('/', '_')}.png").read_bytes()[:4] == b"\x89PNG", key
+
+
 def logits_at(model, tokens):
     with torch.no_grad():
         return model(tokens)

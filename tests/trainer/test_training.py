@@ -99,10 +99,16 @@ def test_the_run_writes_a_report_whose_numbers_are_its_metrics(reference_run, tm
 
     other = tmp_path / "other"
     other.mkdir()
-    (other / "metrics.jsonl").write_text("\n".join(json.dumps({**r, "loss": 1.0}) for r in train) + "\n")
+    # A second run as a GPU run would log it (MFU is logged only where the device's peak is known).
+    mfu = [0.2 + 0.01 * i for i in range(len(train))]
+    (other / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({**r, "loss": 1.0, "mfu": m}) for r, m in zip(train, mfu)) + "\n"
+    )
     assert main(["report", str(reference_run), str(other), "--output", str(tmp_path / "both")]) == 0
     rows = (tmp_path / "both" / "summary.md").read_text().splitlines()[4:]
     assert [r.split(" | ")[2] for r in rows] == [f"{train[-1]['loss']:.4f}", "1.0000"]
+    assert [r.split(" | ")[5] for r in rows] == ["—", f"{sum(mfu) / len(mfu):.2%}"]
+    assert (tmp_path / "both" / "mfu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
 
@@ -241,12 +247,14 @@ def test_the_banner_states_the_run(cache, tmp_path):
     from pretrain.banner import run_banner
 
     trainer = small_trainer(cache, tmp_path, "train.max_steps=10")
-    lines = run_banner(trainer.config, trainer.dims, trainer.data.paths, None, 0)
+    lines = run_banner(trainer.config, trainer.dims, trainer.data.paths, None, 0, "tiny")
     text = "\n".join(lines)
     total = sum(p.numel() for p in trainer.model.parameters())
     embedding = trainer.model.embed.weight.numel()
-    assert f"decoder, 2 blocks: {total / 1e6:,.2f}M parameters" in text, text
+    assert f"decoder (preset tiny), 2 blocks: {total / 1e6:,.2f}M parameters ({total / 1e6:,.2f}M active" in text, text
     assert f"{embedding / 1e6:,.2f}M embedding" in text, text
+    assert lines[1].startswith("layout  1 rank(s): "), lines
+    assert f"run     {tmp_path}" in lines, lines
     assert "8 sequences x 64 tokens = 512 tokens per step (micro-batch 4 per rank, 2 accumulation" in text, text
     assert "10 steps = 5,120 tokens" in text, text
     (shards,) = trainer.data.paths
@@ -260,6 +268,38 @@ def test_the_banner_states_the_run(cache, tmp_path):
     assert "kernels attention=math in every attention layer (overrides model.mixer.backend=sdpa)" in lines, lines
 
 
+def test_the_banner_counts_active_parameters_of_an_moe_model(cache, tmp_path):
+    """moe-tiny routes each token to top_k of n_experts experts: active = every parameter
+    outside the routed experts + top_k / n_experts of the experts' (counted on the built model)."""
+    from pretrain.banner import run_banner
+
+    os.environ["PRETRAIN_CACHE"] = str(cache)
+    config = load_config("moe-tiny", [*SMALL, f"run.dir={tmp_path}", "train.max_steps=10"])
+    trainer = Trainer(config, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    ffn = config.model.ffn
+    experts = sum(p.numel() for name, p in trainer.model.named_parameters() if ".experts." in name)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    assert 0 < experts < total
+    active = total - experts + experts * ffn.top_k // ffn.n_experts
+    model_line = run_banner(config, trainer.dims, trainer.data.paths, None, 0, "moe-tiny")[0]
+    assert f"(preset moe-tiny), 2 blocks: {total / 1e6:,.2f}M parameters ({active / 1e6:,.2f}M active" in model_line
+
+
+def test_preparing_the_built_in_corpus_says_what_and_how_long(builtin_preparation):
+    """On first use each stage is announced and the total time reported; a prepared cache is
+    reused silently."""
+    from pretrain.builtin_data import prepare_builtin_corpus
+
+    root, messages = builtin_preparation
+    assert [m.split(" ")[0] for m in messages] == ["preparing", "training", "tokenizing", "built-in"], messages
+    assert "King James Bible" in messages[0] and "4096-piece BPE tokenizer" in messages[1]
+    seconds = messages[-1].removeprefix("built-in corpus ready in ").split(" s ")[0]
+    assert float(seconds) > 0 and str(root) in messages[-1], messages[-1]
+    again: list[str] = []
+    prepare_builtin_corpus(root, log=again.append)
+    assert again == []
+
+
 def test_diverging_run_stops_with_one_error_line_and_status_3(cache, tmp_path, monkeypatch, capsys):
     """A learning rate of 1e30 makes every loss after the first update NaN."""
     from pretrain.cli import main
@@ -267,10 +307,49 @@ def test_diverging_run_stops_with_one_error_line_and_status_3(cache, tmp_path, m
     monkeypatch.setenv("PRETRAIN_CACHE", str(cache))
     code = main(["train", *SMALL, f"run.dir={tmp_path}", "train.max_steps=20", "train.eval_interval=0",
                  "optim.lr=1e30", "schedule.warmup_steps=1", "train.max_bad_steps=2"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "model   decoder (preset tiny), 2 blocks" in out, out  # the banner names the default preset
     assert code == 3, err
     assert err.startswith("error: 2 consecutive steps had a non-finite loss") and "Traceback" not in err
     assert err.count("\n") == 1, err
+
+
+def test_a_damaged_latest_checkpoint_through_the_command_line(cache, reference_run, tmp_path, monkeypatch, capsys):
+    """Bytes flipped in a shard of the latest checkpoint (step 12) of a copy of the reference run:
+    naming it is one error line (status 2); checkpoint.resume=auto warns, naming the damage, and
+    falls back to step 9, whose continuation repeats the reference's steps 10-12 bit for bit."""
+    import logging
+    import shutil
+
+    from pretrain.cli import main
+
+    monkeypatch.setenv("PRETRAIN_CACHE", str(cache))
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    latest = run_dir / "checkpoints" / "step_00000012"
+    shard = sorted(latest.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (run_dir / "metrics.jsonl").write_text("")
+    command = ["train", *SMALL, f"run.dir={run_dir}", "train.max_steps=12", "checkpoint.interval=3"]
+
+    assert main([*command, f"checkpoint.resume={latest}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint.resume={latest} is damaged: ") and err.count("\n") == 1, err
+    assert "SHA-256" in err and shard.name in err, err
+
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("pretrain.checkpoint").addHandler(handler)
+    try:
+        assert main(command) == 0
+    finally:
+        logging.getLogger("pretrain.checkpoint").removeHandler(handler)
+    assert any("step_00000012" in w and shard.name in w for w in warnings), warnings
+    assert "checkpoints/step_00000009 at step 9" in capsys.readouterr().out
+    assert losses(run_dir) == {step: losses(reference_run)[step] for step in (10, 11, 12)}
 
 
 def test_generate_and_export_from_the_trained_run(reference_run, tmp_path):
