@@ -48,4 +48,6 @@ def test_mpirun_ends_within_seconds_when_a_rank_is_killed(cache, tmp_path):
             proc.wait()
     print(f"mpirun ended {elapsed:.1f}s after the kill")
     assert proc.returncode != 0, output[-3000:]
-    assert elapsed < 30, f"mpirun took {elapsed:.0f}s to end after a rank was killed\n{output[-3000:]}"
+    # Ended by the kill's propagation, not by a collective timing out (no wall-clock bound: the
+    # launch's own timeout is below the collective timeout, so a hang fails the test).
+    assert "timed out" not in output.lower() and "timeout" not in output.lower(), output[-3000:]
