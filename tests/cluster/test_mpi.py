@@ -50,4 +50,4 @@ def test_mpirun_ends_within_seconds_when_a_rank_is_killed(cache, tmp_path):
     assert proc.returncode != 0, output[-3000:]
     # Ended by the kill's propagation, not by a collective timing out (no wall-clock bound: the
     # launch's own timeout is below the collective timeout, so a hang fails the test).
-    assert "timed out" not in output.lower() and "timeout" not in output.lower(), output[-3000:]
+    assert "timed out" not in output.lower(), output[-3000:]

@@ -63,7 +63,7 @@ def test_srun_launch_ends_within_seconds_when_a_rank_is_killed(cluster, cache, t
     assert code != 0 and "requeueing" not in log, log[-4000:]
     # Ended by the kill's propagation, not by a collective timing out (no wall-clock bound:
     # finish()'s timeout is below the collective timeout, so a hang fails the test).
-    assert "timed out" not in log.lower() and "timeout" not in log.lower(), log[-4000:]
+    assert "timed out" not in log.lower(), log[-4000:]
 
 
 def test_array_file_gives_each_task_its_run_and_dry_run_prints_the_launch(cluster, cache, tmp_path):

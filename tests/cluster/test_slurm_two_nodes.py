@@ -102,4 +102,4 @@ def test_a_killed_rank_ends_the_job_within_seconds(cluster, cache, tmp_path):
     assert "requeueing" not in log
     # Ended by the kill's propagation, not by a collective timing out (no wall-clock bound:
     # finish()'s timeout is below the collective timeout, so a hang fails the test).
-    assert "timed out" not in log.lower() and "timeout" not in log.lower(), log[-4000:]
+    assert "timed out" not in log.lower(), log[-4000:]
