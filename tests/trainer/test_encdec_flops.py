@@ -16,7 +16,8 @@ from pretrain.train import Trainer
 SMALL = [
     "model.d_model=64", "model.encoder_layers=2", "model.decoder_layers=3", "model.ffn.d_ff=128",
     "model.max_seq_len=64", "model.max_target_len=32", "data.seq_len=64", "data.num_workers=0",
-    "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", "schedule.warmup_steps=1", "checkpoint.interval=0",
+    "train.global_batch=8", "train.micro_batch=4", "train.max_steps=2", "schedule.warmup_steps=1",
+    "checkpoint.interval=0",
 ]
 
 
