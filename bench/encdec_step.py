@@ -10,12 +10,17 @@ alternating so that a slow spell on a shared machine hits both:
   converted by our adapter, dropout 0, attn_implementation="sdpa" where transformers offers it),
   torch.nn.functional.cross_entropy, torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW;
 - ``ours``: models.spec.build_model, models.loss.language_model_loss, pretrain.parallel.clip and
-  pretrain.optim.build_optimizer (fused AdamW), as the trainer runs them.
+  pretrain.optim.build_optimizer (fused AdamW), as the trainer runs them;
+- ``ours-aten``: the same with every linear layer on aten's GEMM (the path models/linear.py takes
+  without oneDNN) instead of oneDNN's, to measure that choice on the machine at hand.
 
 fp32, the same random rows: ``--batch`` rows of ``--enc`` encoder and ``--dec`` decoder tokens
 (t5-tiny's span corruption: 256 and 58). One step = forward, cross entropy, backward, clipping,
 AdamW. The first step is warm-up. Reported: the median step as (encoder + decoder) tokens per
 second of wall time and per CPU-second of the process, and the largest peak RSS of any repeat.
+
+``--profile VARIANT``: instead, one warm-up and two profiled steps of that variant in this
+process, printed as torch.profiler's self CPU time per op.
 """
 
 from __future__ import annotations
@@ -31,12 +36,16 @@ import time
 
 import torch
 
-VARIANTS = ("hf-t5", "ours")
+VARIANTS = ("hf-t5", "ours", "ours-aten")
 
 
 def build_step(variant: str, model_config):
     from models.spec import build_model
 
+    if variant == "ours-aten":
+        import models.linear
+
+        models.linear.ONEDNN_AVAILABLE = False
     ours = build_model(model_config)
     if variant == "hf-t5":
         from models.encdec.hf import T5_ADAPTER
@@ -100,6 +109,24 @@ def run_variant(variant: str, preset: str, steps: int, batch: int, enc: int, dec
     }
 
 
+def profile_variant(variant: str, preset: str, batch: int, enc: int, dec: int, threads: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from pretrain.config import load_config
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model_config = load_config(preset).model
+    inputs = torch.randint(0, model_config.vocab_size, (3, batch, enc))
+    targets = torch.randint(0, model_config.vocab_size, (3, batch, dec + 1))
+    _, step = build_step(variant, model_config)
+    step(inputs[0], targets[0, :, :-1], targets[0, :, 1:])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for index in (1, 2):
+            step(inputs[index], targets[index, :, :-1], targets[index, :, 1:])
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="t5-tiny")
@@ -109,8 +136,12 @@ def main() -> None:
     parser.add_argument("--dec", type=int, default=58)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per variant")
+    parser.add_argument("--profile", choices=VARIANTS, help="profile two steps of this variant instead")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        profile_variant(args.profile, args.preset, args.batch, args.enc, args.dec, args.threads)
+        return
     shape = (args.steps, args.batch, args.enc, args.dec, args.threads)
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.preset, *shape)))

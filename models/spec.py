@@ -74,6 +74,10 @@ class ModelSpec:
     - ``task(model_config, data_config, split_name, num_samples)``: ``(dataset, fingerprint)``
       of the samples the family trains on, when they are not GPT windows (data/loader.py's
       ``build_loader`` ``task``); None: packed GPT samples.
+    - ``row_flops(model_config, batch, setting)``: training FLOPs of one row of a data batch
+      (its rows share their shapes) in the training pass ``setting`` (models/passes.py), for
+      families whose rows are not ``data.seq_len`` tokens of one stack (what MFU counts); None:
+      ``data.seq_len`` × models/counting.py's ``training_flops_per_token``.
     """
 
     name: str
@@ -85,6 +89,7 @@ class ModelSpec:
     loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     hf: tuple = ()
     task: Callable | None = None
+    row_flops: Callable | None = None
 
 
 class FamilyModel(Protocol):

@@ -206,11 +206,21 @@ class Trainer:
             scheduler.step()
         self.step += 1
         tokens = self.config.train.global_batch * self.config.data.seq_len
-        seq_len = self.config.data.seq_len
-        flops = tokens * sum(training_flops_per_token(self.config.model, seq_len, p.setting) for p in passes)
+        flops = self.step_flops(micro_batches, passes)
         return StepResult(
             loss=loss_value, grad_norm=grad_norm, tokens=tokens, flops=flops, skipped=skipped, data_wait=waited
         )
+
+    def step_flops(self, micro_batches: list, passes) -> float:
+        """Training FLOPs of one step over the global batch (MFU): the family's ``row_flops`` of
+        the rows seen (models/spec.py), else ``data.seq_len`` × the per-token count."""
+        model, global_batch = self.config.model, self.config.train.global_batch
+        row_flops = get_spec(model).row_flops
+        if row_flops is None:
+            seq_len = self.config.data.seq_len
+            return global_batch * seq_len * sum(training_flops_per_token(model, seq_len, p.setting) for p in passes)
+        rows = [sum(row_flops(model, batch, p.setting) for p in passes) for batch in micro_batches]
+        return global_batch * sum(rows) / len(rows)
 
     def evaluate(self) -> dict[str, float]:
         """Validation loss of the model as built (``valid_loss``) and, for models with

@@ -3,6 +3,7 @@ trained on span corruption (objective.py, data/span_corruption.py), converted to
 Hugging Face ``T5ForConditionalGeneration`` (hf.py)."""
 
 from models.encdec import objective
+from models.encdec.counting import row_training_flops
 from models.encdec.config import EncDecConfig
 from models.encdec.hf import T5_ADAPTER
 from models.encdec.model import EncoderDecoder
@@ -19,6 +20,7 @@ SPEC = register_family(
         loss=objective.loss,
         hf=(T5_ADAPTER,),
         task=objective.task,
+        row_flops=row_training_flops,
     )
 )
 

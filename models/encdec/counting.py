@@ -60,3 +60,47 @@ def forward_flops(config, enc_len: int, dec_len: int, causal_half: bool = True) 
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def _linear(module) -> int:
+    return 2 * module.in_features * module.out_features
+
+
+def walked_forward_flops(model, enc_len: int, dec_len: int) -> int:
+    """Forward FLOPs of one row of ``enc_len`` encoder and ``dec_len`` decoder tokens, read off
+    the built ``model``'s modules (models/counting.py's conventions), so any FFN kind counts as
+    it declares (an MoE its active experts, a MatFormer its selected width): encoder blocks at
+    ``enc_len`` tokens and keys; decoder self-attention and FFN at ``dec_len``; the
+    cross-attention's K and V projections over the ``enc_len`` memory tokens, its q, o and scores
+    over ``dec_len`` queries of ``enc_len`` keys; the head over ``dec_len`` tokens."""
+    from models.counting import forward_flops_per_token
+
+    total = sum(enc_len * forward_flops_per_token(block, enc_len) for block in model.encoder.values())
+    for block in model.decoder.values():
+        cross = block.cross
+        total += dec_len * (forward_flops_per_token(block.mixer, dec_len) + forward_flops_per_token(block.ffn, dec_len))
+        total += dec_len * (_linear(cross.wq) + _linear(cross.wo) + cross.core_flops_per_token(dec_len, enc_len))
+        total += enc_len * (_linear(cross.wk) + _linear(cross.wv))
+    return total + dec_len * _linear(model.head)
+
+
+_ROW_FLOPS: dict[tuple, int] = {}
+
+
+def row_training_flops(config, batch, setting=None) -> int:
+    """Training (forward + backward = 3 × forward) FLOPs of one row of ``batch``, at its encoder
+    (``input_ids``) and decoder (``decoder_input_ids``) lengths, padding included (the rows are
+    computed whole); with a training pass's ``setting`` (models/passes.py), of the model run in
+    that pass. The family's ``row_flops`` (models/spec.py): what the trainer's MFU counts."""
+    enc_len, dec_len = batch["input_ids"].shape[-1], batch["decoder_input_ids"].shape[-1]
+    key = (repr(config), enc_len, dec_len, repr(setting))
+    if key not in _ROW_FLOPS:
+        from models.counting import build_meta
+
+        model = build_meta(config)
+        if setting is not None:
+            from models.passes import select_pass
+
+            select_pass([model], setting)
+        _ROW_FLOPS[key] = 3 * walked_forward_flops(model, enc_len, dec_len)
+    return _ROW_FLOPS[key]

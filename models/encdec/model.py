@@ -27,6 +27,7 @@ from models.attention.backends import get_backend
 
 from models.attention.spec import AttentionSpec
 from models.context import DecodeState
+from models.encdec.attention import family_backend
 from models.encdec.layers import DecoderBlock, EncDecContext, EncoderBlock, MemoryInput, T5Attention
 from models.encdec.position import RelativeBias, relative_bucket
 from models.kernels import apply_kernels
@@ -77,6 +78,9 @@ class EncoderDecoder(nn.Module):
         self.decoder_norm = RMSNorm(d, config.norm_eps)
         self.head = Linear(d, config.vocab_size)
         apply_kernels(self, config.kernels)
+        for block in [*self.encoder.values(), *self.decoder.values()]:
+            for attention in block.attentions():
+                attention.backend = family_backend(attention.backend)
         self.init_weights()
 
     # ------------------------------------------------------------ structure
@@ -144,7 +148,7 @@ class EncoderDecoder(nn.Module):
 
     # -------------------------------------------------------------- forward
     def _attention(self, role: str, spec: AttentionSpec, q_len: int, kv_len: int, device) -> dict:
-        backend = get_backend(self.config.attention_backend)
+        backend = family_backend(get_backend(self.config.attention_backend))
         return {(role, backend.name): backend.prepare(spec, q_len, kv_len, device)}
 
     def _rope(self, positions: torch.Tensor, dtype) -> dict:

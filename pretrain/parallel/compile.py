@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from pretrain.parallel.recompute import RecomputedKernel
+
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """Compile each block in place; recomputed attention kernels (``train.recompute=selective``)
+    keep the output of a kernel torch tags as random (pretrain/parallel/recompute.py,
+    ``RecomputedKernel``)."""
     for name in model.block_names():
-        model.get_submodule(name).compile(backend=backend, fullgraph=True)
+        block = model.get_submodule(name)
+        for module in block.modules():
+            if isinstance(getattr(module, "backend", None), RecomputedKernel):
+                module.backend.keep_seeded = True
+        block.compile(backend=backend, fullgraph=True)

@@ -65,18 +65,39 @@ def op_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def keep_seeded_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep the outputs of ops torch tags as random (``nondeterministic_seeded``: SDPA's fused
+    kernels, for their dropout), recompute the rest."""
+    if torch.Tag.nondeterministic_seeded in getattr(op, "tags", ()):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
 class RecomputedKernel(AttentionBackend):
     """An attention backend whose ``attend`` is recomputed in backward (``prepare``, once per
-    forward, is not)."""
+    forward, is not).
+
+    ``keep_seeded`` (set by pretrain/parallel/compile.py for compiled blocks): a kernel torch
+    tags as random is kept instead (its output and log-sum-exp; an unfused kernel's scores and
+    probabilities are still recomputed). Recomputing a random op inside a compiled graph makes
+    torch 2.13's partitioner save its RNG state behind the graph's saved non-tensors
+    (``functionalize_rng_ops`` skips only the saved symints, not the DeviceMesh objects that
+    DTensor parameters bring under tensor parallelism), and the compiled forward then fails
+    with "expected all tensors_saved_with_vc_check to be Tensors".
+    """
 
     def __init__(self, backend: AttentionBackend):
         self.inner = backend
         self.name = backend.name
+        self.keep_seeded = False
 
     def prepare(self, *args):
         return self.inner.prepare(*args)
 
     def attend(self, q, k, v, prepared):
+        if self.keep_seeded:
+            context_fn = functools.partial(create_selective_checkpoint_contexts, keep_seeded_policy)
+            return checkpoint(self.inner.attend, q, k, v, prepared, use_reentrant=False, context_fn=context_fn)
         return checkpoint(self.inner.attend, q, k, v, prepared, use_reentrant=False)
 
 

@@ -10,10 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.counting import param_counts
 from models.encdec import EncDecConfig
-from models.encdec.counting import forward_flops, param_count
+from models.encdec.counting import forward_flops, param_count, row_training_flops
 from models.encdec.hf import T5_ADAPTER
 from models.ffn.gated import GatedGELUConfig, ReLUConfig
-from models.spec import build_model
+from models.spec import build_model, get_spec
 
 CONFIGS = [
     EncDecConfig(vocab_size=300, d_model=48, encoder_layers=2, decoder_layers=3, n_heads=4, backend="math",
@@ -46,6 +46,17 @@ def test_flop_formula_matches_the_flop_counter(config, enc_len, dec_len):
     visible = forward_flops(config, enc_len, dec_len)
     l_d, a = config.decoder_layers, config.n_heads * config.resolved_head_dim
     assert counted["total"] - visible["total"] == l_d * 4 * a * dec_len * dec_len // 2
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("enc_len,dec_len", [(20, 7), (9, 16), (64, 64)])
+def test_row_flops_are_the_formula_at_the_batch_lengths(config, enc_len, dec_len):
+    """What the trainer's MFU counts per row (the family's ``row_flops``, walked over the modules)
+    is 3 × the formula at the batch's own encoder and decoder lengths."""
+    batch = {"input_ids": torch.zeros(3, enc_len, dtype=torch.long),
+             "decoder_input_ids": torch.zeros(3, dec_len, dtype=torch.long)}
+    assert get_spec(config).row_flops is row_training_flops
+    assert row_training_flops(config, batch) == 3 * forward_flops(config, enc_len, dec_len)["total"]
 
 
 def test_t5_base_preset_is_t5_v1_1_base():

@@ -16,6 +16,7 @@ STEPS = 2
 TRACED = dict(compile=True, compile_backend="aot_eager")
 LAYOUTS = {
     "tp2_sp_op": (dict(tp=2, **TRACED), 2, "op"),
+    "tp2_sp_selective": (dict(tp=2, **TRACED), 2, "selective"),
     "fsdp2_full": (dict(**TRACED), 2, "full"),
     "pp2_interleaved_selective": (
         dict(pp=2, pp_schedule="interleaved_1f1b", virtual_stages=2, **TRACED), 2, "selective"

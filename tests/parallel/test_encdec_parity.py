@@ -3,9 +3,9 @@ by head, the relative bias tables by head), FSDP2, TP2×FSDP2, PP2 cut at the en
 seam, inside the encoder and inside the decoder (the boundary carries encoder states or memory,
 decoder states and the bias tables), PP2×FSDP2, PP2×TP2 and PP2×TP2+SP (the tables cross as
 each rank's heads; also with RoPE), FSDP2 with full recomputation and TP2+SP with compiled
-blocks (aot_eager: the traced graphs, without inductor's C++ build), with the losses and
-gradient norms of an independent single-process loop (1e-5), on packed span-corruption-shaped
-rows."""
+blocks (aot_eager: the traced graphs, without inductor's C++ build; also with selective
+recomputation), with the losses and gradient norms of an independent single-process loop
+(1e-5), on packed span-corruption-shaped rows."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ LAYOUTS = {
         "pp2_in_decoder": (dict(pp=2, pp_schedule="gpipe", pp_stage_layers=[3, 1]), 2),
         "tp2_sp_rope": (dict(tp=2, sp=True), 2, "rope"),
         "fsdp2_full_recompute": (dict(), 2, "relative", "full"),
-        "tp2_sp_compiled": (dict(tp=2, sp=True, compile=True, compile_backend="aot_eager"), 2)},
+        "tp2_sp_compiled": (dict(tp=2, sp=True, compile=True, compile_backend="aot_eager"), 2),
+        "tp2_sp_compiled_selective": (dict(tp=2, sp=True, compile=True, compile_backend="aot_eager"), 2, "relative",
+                                      "selective")},
     4: {"tp2_fsdp2": (dict(tp=2, sp=True), 2), "pp2_fsdp2": (dict(pp=2, pp_schedule="1f1b"), 2),
         "pp2_tp2_sp_rope": (dict(pp=2, tp=2, sp=True, pp_schedule="1f1b"), 1, "rope"),
         "pp2_tp2_sp": (dict(pp=2, tp=2, sp=True, pp_schedule="1f1b", pp_stage_layers=[1, 3]), 1),
