@@ -78,6 +78,12 @@ class ParallelConfig:
                 f"parallel.pp_schedule={self.pp_schedule} splits the backward into input and weight gradients, which "
                 "compiled blocks cannot do; use interleaved_1f1b, or parallel.compile=false"
             )
+        if self.compile and self.tp > 1 and not self.sp:
+            errors.append(
+                "parallel.compile=true with parallel.tp > 1 needs parallel.sp=true: without sequence parallelism "
+                "torch 2.13's DTensor backward fails at the compiled blocks' boundary; set parallel.sp=true, or "
+                "parallel.compile=false"
+            )
         if self.cp < 1:
             errors.append(f"parallel.cp must be >= 1, got {self.cp}")
         if self.cp_mode not in ("ring", "alltoall"):

@@ -57,6 +57,7 @@ def test_data_parallel_flavour(fields, fsdp, ddp):
         (2, dict(pp=2), dict(model=dataclasses.replace(TINY, tie_embeddings=True)), "tie_embeddings cannot be used"),
         (2, dict(dp_shard=0), {}, "parallel.dp_shard must be >= 1, or -1"),
         (2, dict(pp=2, pp_schedule="zbv", virtual_stages=2, compile=True), {}, "which compiled blocks cannot do"),
+        (2, dict(tp=2, sp=False, compile=True), {}, "parallel.compile=true with parallel.tp > 1 needs parallel.sp=true"),
     ],
 )
 def test_each_violation_is_named(world, fields, kwargs, message):
