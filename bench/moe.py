@@ -19,9 +19,9 @@ step as tokens/s of wall time and per CPU-second, largest peak RSS.
 every rank all 8 experts) vs EP2 (4 experts per rank, all-to-all dispatch); median step time
 after a warm-up step, alternating layouts per repeat.
 
-``quality``: ``pretrain train`` of the moe-tiny and tiny presets for ``--steps`` steps of
-``--batch`` sequences each (same data, batch and schedule: the same tokens; both at once), the
-last training and validation loss of each.
+``quality``: ``pretrain train`` of the moe-tiny and tiny presets (same data, batch and schedule:
+the same tokens; both at once): by default the presets' own run with validation every 50 steps,
+or ``--steps`` steps of ``--batch`` sequences; the validation losses and the last training loss.
 """
 
 from __future__ import annotations
@@ -234,11 +234,15 @@ def bench_ep(args) -> None:
 
 # ----------------------------------------------------------------------------- quality
 def bench_quality(args) -> None:
-    common = [
-        f"train.max_steps={args.steps}", f"train.eval_interval={args.steps}", "train.eval_batches=8",
-        f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}", f"logging.interval={args.steps}",
-        "checkpoint.interval=0", "data.num_workers=0", f"schedule.warmup_steps={max(1, args.steps // 8)}",
-    ]
+    common = ["train.eval_batches=8", "checkpoint.interval=0", "data.num_workers=0"]
+    if args.steps:  # a shortened run: this many steps of --batch sequences
+        common += [
+            f"train.max_steps={args.steps}", f"train.eval_interval={args.steps}", f"train.global_batch={args.batch}",
+            f"train.micro_batch={args.batch}", f"logging.interval={args.steps}",
+            f"schedule.warmup_steps={max(1, args.steps // 8)}",
+        ]
+    else:  # the presets' own run (150 steps x 16 x 256, their schedule), validation every 50 steps
+        common += ["train.eval_interval=50"]
     presets = ("tiny", "moe-tiny")
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
@@ -256,16 +260,25 @@ def bench_quality(args) -> None:
         rows = []
         for preset in presets:
             records = [json.loads(line) for line in (Path(root) / preset / "metrics.jsonl").read_text().splitlines()]
-            valid = [r for r in records if "valid_loss" in r][-1]
+            valid = [r for r in records if "valid_loss" in r]
             train = [r for r in records if "loss" in r][-1]
             loads = [v for k, v in train.items() if k.endswith("/max_load")]
-            rows.append((preset, train["loss"], valid["valid_loss"], max(loads) if loads else None))
-    print(f"pretrain train --config <preset>, {args.steps} steps of {args.batch} x 256 tokens (the same tokens), "
-          f"built-in corpus, both runs at once with 1 thread each ({elapsed:.0f} s)\n")
-    print("| preset | train loss | validation loss | max load / mean (worst layer) |\n|---|---:|---:|---:|")
-    for preset, loss, valid, load in rows:
+            rows.append((preset, train, valid, max(loads) if loads else None))
+    shape = f"{args.steps} steps of {args.batch} x 256 tokens" if args.steps else "the presets' own run"
+    print(f"pretrain train --config <preset>, {shape} (the same tokens), built-in corpus, "
+          f"both runs at once with 1 thread each ({elapsed:.0f} s)\n")
+    print("| preset | step | tokens | train loss | validation loss | max load / mean (worst layer) |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    from pretrain.config import load_config
+
+    per_step = (args.batch if args.steps else load_config("moe-tiny").train.global_batch) * 256
+    for preset, train, valid, load in rows:
         shown = f"{load:.2f}" if load is not None else "–"
-        print(f"| {preset} | {loss:.3f} | {valid:.3f} | {shown} |")
+        for record in valid:
+            last = record is valid[-1]
+            loss = f"{train['loss']:.3f}" if last else ""
+            tokens = f"{record['step'] * per_step:,}"
+            print(f"| {preset} | {record['step']} | {tokens} | {loss} | {record['valid_loss']:.3f} | {shown if last else ''} |")
 
 
 def main() -> None:
@@ -282,7 +295,7 @@ def main() -> None:
         return
     print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}\n")
     if args.steps is None:
-        args.steps = {"step": 4, "gemm": 0, "ep": 4, "quality": 40}[args.what]
+        args.steps = {"step": 4, "gemm": 0, "ep": 4, "quality": 0}[args.what]
     {"step": bench_step, "gemm": bench_gemm, "ep": bench_ep, "quality": bench_quality}[args.what](args)
 
 
