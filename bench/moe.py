@@ -1,16 +1,24 @@
 """Mixture-of-experts benchmarks on CPU, each comparison side by side in one run.
 
     python bench/moe.py step      # training step: ours vs HF MixtralForCausalLM of the same shape
+    python bench/moe.py profile   # the same steps under torch.profiler: GEMMs, attention, the rest
     python bench/moe.py gemm      # the experts: grouped GEMM vs the per-expert loop
     python bench/moe.py ep        # 2 ranks (gloo): EP2 vs EP1 (FSDP2) at equal work
     python bench/moe.py quality   # validation loss: moe-tiny vs tiny after the same tokens (CLI)
 
 ``step``: the moe-tiny shape with Mixtral's router (``topk_softmax``), fp32, one thread. Each
 variant runs ``--repeats`` times in its own fresh subprocess (so peak RSS is its own),
-alternating: ``hf-mixtral`` is a plain loop around transformers' MixtralForCausalLM (sdpa,
-``output_router_logits`` with its Switch loss at our coefficient, cross entropy, clipping,
-torch AdamW); ``ours`` the project's model, loss, clipping and fused AdamW. Reported: median
+alternating: ``hf-mixtral`` is a plain loop around transformers' MixtralForCausalLM (sdpa, its default
+experts implementation — ``grouped_mm`` in transformers 5: ``torch._grouped_mm`` on a fused
+gate|up weight — ``output_router_logits`` with its Switch loss at our coefficient, cross entropy,
+clipping, torch AdamW); ``ours`` the project's model, loss, clipping and fused AdamW. Reported: median
 step as tokens/s of wall time and per CPU-second, largest peak RSS.
+
+``profile``: both steps under torch.profiler (self CPU time per op, one thread; of
+``--repeats`` alternating runs each variant's fastest, as the profiler's times are wall-clock
+and inflate when the machine is shared): the GEMMs and
+attention both must do at equal FLOPs, the rest, and the ceiling of any speed-up over HF that
+runs its GEMMs and attention as fast as HF does (HF's step over its GEMM + attention time).
 
 ``gemm``: one MoE layer's experts at moe-tiny's shape (2048 tokens × top-2 rows, d 256, f 512,
 8 experts, a skewed routing), forward + backward, median of ``--repeats``.
@@ -19,9 +27,9 @@ step as tokens/s of wall time and per CPU-second, largest peak RSS.
 every rank all 8 experts) vs EP2 (4 experts per rank, all-to-all dispatch); median step time
 after a warm-up step, alternating layouts per repeat.
 
-``quality``: ``pretrain train`` of the moe-tiny and tiny presets for ``--steps`` steps of
-``--batch`` sequences each (same data, batch and schedule: the same tokens; both at once), the
-last training and validation loss of each.
+``quality``: ``pretrain train`` of the moe-tiny and tiny presets (same data, batch and schedule:
+the same tokens; both at once): by default the presets' own run with validation every 50 steps,
+or ``--steps`` steps of ``--batch`` sequences; the validation losses and the last training loss.
 """
 
 from __future__ import annotations
@@ -103,7 +111,8 @@ def run_step_variant(variant: str, steps: int, batch: int, seq: int) -> dict:
     torch.manual_seed(0)
     config = moe_tiny_config()
     tokens = torch.randint(0, config.vocab_size, (1 + steps, batch, seq + 1))
-    _, step = build_step(variant, config)
+    model, step = build_step(variant, config)
+    experts = getattr(model.config, "_experts_implementation", None) if variant == "hf-mixtral" else None
     wall, cpu = [], []
     for index in range(1 + steps):
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -111,7 +120,8 @@ def run_step_variant(variant: str, steps: int, batch: int, seq: int) -> dict:
         if index:
             wall.append(time.perf_counter() - started)
             cpu.append(time.process_time() - cpu_started)
-    return {"wall": wall, "cpu": cpu, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"wall": wall, "cpu": cpu, "peak_rss_gib": peak, "experts": experts, "load": os.getloadavg()[0]}
 
 
 def bench_step(args) -> None:
@@ -126,8 +136,10 @@ def bench_step(args) -> None:
             ).stdout
             runs[variant].append(json.loads(out.strip().splitlines()[-1]))
     tokens = args.batch * args.seq
+    loads = [r["load"] for results in runs.values() for r in results]
     print(f"moe-tiny shape (8 experts top-2, topk_softmax), batch {args.batch} x seq {args.seq}, fp32, 1 thread, "
-          f"{args.steps} timed steps x {args.repeats} runs per variant, median step\n")
+          f"{args.steps} timed steps x {args.repeats} runs per variant, median step; HF experts implementation "
+          f"{runs['hf-mixtral'][0]['experts']!r}; 1-minute load average after each run {min(loads):.1f} to {max(loads):.1f}\n")
     print("| variant | tokens/s | vs HF | tokens/CPU-s | vs HF | peak RSS GiB |\n|---|---:|---:|---:|---:|---:|")
     rates = {}
     for variant, results in runs.items():
@@ -140,6 +152,59 @@ def bench_step(args) -> None:
         per_s, per_cpu = rates[variant]
         peak = max(r["peak_rss_gib"] for r in results)
         print(f"| {variant} | {per_s:,.0f} | {per_s / base[0]:.2f}x | {per_cpu:,.0f} | {per_cpu / base[1]:.2f}x | {peak:.2f} |")
+
+
+# ----------------------------------------------------------------------------- profile
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "mkldnn::_linear_pointwise")
+
+
+def run_profile_variant(variant: str, steps: int, batch: int, seq: int) -> dict:
+    """Self CPU time per op over ``steps`` profiled steps after a warm-up step, in three parts:
+    GEMMs (dense and grouped: the grouped GEMM's groups run as aten::mm), attention, the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = moe_tiny_config()
+    tokens = torch.randint(0, config.vocab_size, (1 + steps, batch, seq + 1))
+    _, step = build_step(variant, config)
+    step(tokens[0, :, :-1], tokens[0, :, 1:])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for index in range(1, 1 + steps):
+            step(tokens[index, :, :-1], tokens[index, :, 1:])
+    ops = {e.key: e.self_cpu_time_total / 1e6 / steps for e in prof.key_averages()}
+    gemm = sum(ops.get(name, 0.0) for name in GEMM_OPS)
+    attention = sum(t for name, t in ops.items() if "scaled_dot_product" in name)
+    top = sorted(((t, name) for name, t in ops.items() if name not in GEMM_OPS and "scaled_dot_product" not in name), reverse=True)
+    return {"total": sum(ops.values()), "gemm": gemm, "attention": attention, "top": top[:8]}
+
+
+def bench_profile(args) -> None:
+    results, loads = {}, []
+    for _ in range(args.repeats):  # alternating; each variant's least disturbed run is kept
+        for variant in ("hf-mixtral", "ours"):
+            out = subprocess.run(
+                [sys.executable, __file__, "profile", "--variant", variant, "--steps", str(args.steps),
+                 "--batch", str(args.batch), "--seq", str(args.seq)],
+                check=True, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+            ).stdout
+            run = json.loads(out.strip().splitlines()[-1])
+            loads.append(os.getloadavg()[0])
+            if variant not in results or run["total"] < results[variant]["total"]:
+                results[variant] = run
+    print(f"moe-tiny shape, batch {args.batch} x seq {args.seq}, fp32, 1 thread, torch.profiler self CPU time per "
+          f"step (mean of {args.steps} after a warm-up; the fastest of {args.repeats} alternating runs per variant); "
+          f"1-minute load average {min(loads):.1f} to {max(loads):.1f}\n")
+    print("| variant | step s | GEMMs s | attention s | rest s | GEMMs + attention |\n|---|---:|---:|---:|---:|---:|")
+    for variant, r in results.items():
+        fixed = r["gemm"] + r["attention"]
+        print(f"| {variant} | {r['total']:.3f} | {r['gemm']:.3f} | {r['attention']:.3f} | {r['total'] - fixed:.3f} | "
+              f"{100 * fixed / r['total']:.0f}% |")
+    hf = results["hf-mixtral"]
+    print(f"\nceiling of a speed-up over HF at HF's GEMM and attention time: {hf['total'] / (hf['gemm'] + hf['attention']):.2f}x; "
+          f"measured here: {hf['total'] / results['ours']['total']:.2f}x")
+    for variant, r in results.items():
+        print(f"\n{variant}, largest other ops (s per step): " + ", ".join(f"{name} {t:.3f}" for t, name in r["top"]))
 
 
 # ----------------------------------------------------------------------------- gemm
@@ -234,11 +299,15 @@ def bench_ep(args) -> None:
 
 # ----------------------------------------------------------------------------- quality
 def bench_quality(args) -> None:
-    common = [
-        f"train.max_steps={args.steps}", f"train.eval_interval={args.steps}", "train.eval_batches=8",
-        f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}", f"logging.interval={args.steps}",
-        "checkpoint.interval=0", "data.num_workers=0", f"schedule.warmup_steps={max(1, args.steps // 8)}",
-    ]
+    common = ["train.eval_batches=8", "checkpoint.interval=0", "data.num_workers=0"]
+    if args.steps:  # a shortened run: this many steps of --batch sequences
+        common += [
+            f"train.max_steps={args.steps}", f"train.eval_interval={args.steps}", f"train.global_batch={args.batch}",
+            f"train.micro_batch={args.batch}", f"logging.interval={args.steps}",
+            f"schedule.warmup_steps={max(1, args.steps // 8)}",
+        ]
+    else:  # the presets' own run (150 steps x 16 x 256, their schedule), validation every 50 steps
+        common += ["train.eval_interval=50"]
     presets = ("tiny", "moe-tiny")
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
@@ -256,21 +325,30 @@ def bench_quality(args) -> None:
         rows = []
         for preset in presets:
             records = [json.loads(line) for line in (Path(root) / preset / "metrics.jsonl").read_text().splitlines()]
-            valid = [r for r in records if "valid_loss" in r][-1]
+            valid = [r for r in records if "valid_loss" in r]
             train = [r for r in records if "loss" in r][-1]
             loads = [v for k, v in train.items() if k.endswith("/max_load")]
-            rows.append((preset, train["loss"], valid["valid_loss"], max(loads) if loads else None))
-    print(f"pretrain train --config <preset>, {args.steps} steps of {args.batch} x 256 tokens (the same tokens), "
-          f"built-in corpus, both runs at once with 1 thread each ({elapsed:.0f} s)\n")
-    print("| preset | train loss | validation loss | max load / mean (worst layer) |\n|---|---:|---:|---:|")
-    for preset, loss, valid, load in rows:
+            rows.append((preset, train, valid, max(loads) if loads else None))
+    shape = f"{args.steps} steps of {args.batch} x 256 tokens" if args.steps else "the presets' own run"
+    print(f"pretrain train --config <preset>, {shape} (the same tokens), built-in corpus, "
+          f"both runs at once with 1 thread each ({elapsed:.0f} s)\n")
+    print("| preset | step | tokens | train loss | validation loss | max load / mean (worst layer) |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    from pretrain.config import load_config
+
+    per_step = (args.batch if args.steps else load_config("moe-tiny").train.global_batch) * 256
+    for preset, train, valid, load in rows:
         shown = f"{load:.2f}" if load is not None else "–"
-        print(f"| {preset} | {loss:.3f} | {valid:.3f} | {shown} |")
+        for record in valid:
+            last = record is valid[-1]
+            loss = f"{train['loss']:.3f}" if last else ""
+            tokens = f"{record['step'] * per_step:,}"
+            print(f"| {preset} | {record['step']} | {tokens} | {loss} | {record['valid_loss']:.3f} | {shown if last else ''} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("step", "gemm", "ep", "quality"))
+    parser.add_argument("what", choices=("step", "profile", "gemm", "ep", "quality"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
@@ -280,10 +358,14 @@ def main() -> None:
     if args.what == "step" and args.variant:
         print(json.dumps(run_step_variant(args.variant, args.steps or 4, args.batch, args.seq)))
         return
+    if args.what == "profile" and args.variant:
+        print(json.dumps(run_profile_variant(args.variant, args.steps or 2, args.batch, args.seq)))
+        return
     print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}\n")
     if args.steps is None:
-        args.steps = {"step": 4, "gemm": 0, "ep": 4, "quality": 40}[args.what]
-    {"step": bench_step, "gemm": bench_gemm, "ep": bench_ep, "quality": bench_quality}[args.what](args)
+        args.steps = {"step": 4, "profile": 2, "gemm": 0, "ep": 4, "quality": 0}[args.what]
+    what = {"step": bench_step, "profile": bench_profile, "gemm": bench_gemm, "ep": bench_ep, "quality": bench_quality}
+    what[args.what](args)
 
 
 if __name__ == "__main__":

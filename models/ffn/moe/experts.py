@@ -68,12 +68,39 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(b % 16 == 0 for b in row_bytes)
 
 
+class _GroupedSwiGLU(torch.autograd.Function):
+    """The experts' chain w2·(silu(w1·x) ⊙ w3·x) by grouped GEMMs, forward and backward, keeping
+    x, gate, up and the hidden product for backward (autograd's ops would also keep silu(gate));
+    the backward writes its elementwise results into buffers it owns instead of new ones."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, offs):
+        gate = torch._grouped_mm(x, w1.transpose(1, 2), offs)
+        up = torch._grouped_mm(x, w3.transpose(1, 2), offs)
+        hidden = F.silu(gate).mul_(up)
+        ctx.save_for_backward(x, w1, w3, w2, offs, gate, up, hidden)
+        return torch._grouped_mm(hidden, w2.transpose(1, 2), offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, w3, w2, offs, gate, up, hidden = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_w2 = torch._grouped_mm(grad.t(), hidden, offs) if ctx.needs_input_grad[3] else None
+        grad_hidden = torch._grouped_mm(grad, w2, offs)
+        grad_up = F.silu(gate).mul_(grad_hidden)
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad_gate, w1, offs).add_(torch._grouped_mm(grad_up, w3, offs))
+        grad_w1 = torch._grouped_mm(grad_gate.t(), x, offs) if ctx.needs_input_grad[1] else None
+        grad_w3 = torch._grouped_mm(grad_up.t(), x, offs) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w1, grad_w3, grad_w2, None
+
+
 def grouped_swiglu(x: torch.Tensor, w1, w3, w2, counts: torch.Tensor) -> torch.Tensor:
     """All experts by three grouped GEMMs: ``x`` [N, d] grouped by expert, ``counts`` [E]."""
     offs = torch.cumsum(counts, 0).to(torch.int32)
-    gate = torch._grouped_mm(x, w1.transpose(1, 2), offs)
-    up = torch._grouped_mm(x, w3.transpose(1, 2), offs)
-    return torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs)
+    return _GroupedSwiGLU.apply(x, w1, w3, w2, offs)
 
 
 def looped_swiglu(x: torch.Tensor, w1, w3, w2, counts: list[int]) -> torch.Tensor:
