@@ -1,12 +1,9 @@
-"""Bias-free linear layer whose fp32 CPU matrix products run on oneDNN where that is faster.
+"""Bias-free linear layer whose fp32 CPU matrix products run on oneDNN.
 
-On CPU, aten's fp32 ``mm`` calls MKL's sgemm. On AVX-512 machines (AMD EPYC Zen 4, where this
-layer was first measured), MKL reaches 80-92% of a core's fp32 peak on this model's shapes,
-oneDNN's AVX-512 kernels 95-100% (``python bench/cpu_gemm.py``). On AVX2-only CPUs it is the
-other way round (an AVX2 EPYC, 2026-12-04: aten faster in 5 of 6 forward shapes of the tiny
-preset and in every input gradient), so oneDNN is used only when torch reports AVX-512
-(``PREFER_ONEDNN``); elsewhere the layer is ``F.linear``. Where it is used, the forward
-product x·Wᵀ and the input gradient g·W run on oneDNN; the weight gradient gᵀ·x stays on aten, where oneDNN is no
+On CPU, aten's fp32 ``mm`` calls MKL's sgemm. On the AMD EPYC (Zen 4) machines this project is
+developed and tested on, MKL reaches 80-92% of a core's fp32 peak on this model's shapes, oneDNN's
+AVX-512 kernels 95-100% (``python bench/cpu_gemm.py``). So the forward product x·Wᵀ and the
+input gradient g·W run on oneDNN; the weight gradient gᵀ·x stays on aten, where oneDNN is no
 faster (it would need transposed copies of both operands). For g·W oneDNN first copies Wᵀ;
 that transposed copy is cheap while W fits in cache and slow beyond (in the 125m preset's real
 step: 0.3 ms for a 768×768 weight, 17.6 ms for 2560×768), so for weights over ``LARGE_WEIGHT``
@@ -29,7 +26,6 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-PREFER_ONEDNN = ONEDNN_AVAILABLE and torch.backends.cpu.get_cpu_capability() == "AVX512"
 _PLAIN = (torch.Tensor, nn.Parameter)
 LARGE_WEIGHT = 1 << 20
 
@@ -101,7 +97,7 @@ for _op in GEMM_OPS:
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear(x, weight)`` takes the oneDNN path."""
     return (
-        PREFER_ONEDNN
+        ONEDNN_AVAILABLE
         and type(x) in _PLAIN
         and type(weight) in _PLAIN
         and x.device.type == "cpu"
@@ -114,7 +110,7 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` (no bias), by oneDNN for plain fp32 CPU tensors on AVX-512 CPUs."""
+    """``F.linear(x, weight)`` (no bias), by oneDNN for plain fp32 CPU tensors."""
     if not uses_onednn(x, weight):
         return F.linear(x, weight)
     product = mm_nt if torch.compiler.is_compiling() else _MmNT.apply

@@ -8,21 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import models.linear
 from models.linear import ONEDNN_AVAILABLE, Linear, linear, uses_onednn
 
 pytestmark = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this torch build has no oneDNN")
-CHOSEN = models.linear.PREFER_ONEDNN  # before the fixture below sets it
-
-
-@pytest.fixture(autouse=True)
-def onednn_path(monkeypatch):
-    """The oneDNN path is tested wherever oneDNN exists, also on CPUs where it is not chosen."""
-    monkeypatch.setattr(models.linear, "PREFER_ONEDNN", True)
-
-
-def test_onednn_is_chosen_only_on_avx512_cpus():
-    assert CHOSEN == (torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 
 def reference(x, weight, grad):
