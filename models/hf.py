@@ -54,6 +54,15 @@ class HFAdapter:
     def config_to_hf(self, config):
         raise NotImplementedError
 
+    def refusal(self, config) -> str | None:
+        """Why ``config`` has no form in ``architecture``; None when it has one."""
+        return None
+
+    def _check(self, config) -> None:
+        problem = self.refusal(config)
+        if problem:
+            raise ValueError(f"cannot convert to {self.architecture}: {problem}")
+
     def config_from_hf(self, hf_config, **overrides):
         raise NotImplementedError
 

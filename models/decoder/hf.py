@@ -53,12 +53,27 @@ def _rope(hf) -> tuple[float, float]:
     return float(theta), float(params["factor"]) if kind == "linear" else 1.0
 
 
-def _rope_fields(config) -> dict:
-    """LlamaConfig's RoPE arguments: position interpolation is its ``linear`` RoPE type."""
-    if config.rope_interpolation == 1.0:
-        return {"rope_theta": config.rope_theta}
-    factor = config.rope_interpolation
-    return {"rope_parameters": {"rope_type": "linear", "factor": factor, "rope_theta": config.rope_theta}}
+def llama_like_fields(config) -> dict:
+    """The arguments a Llama-like HF config (Llama, Mixtral, Qwen3-MoE) takes from our decoder:
+    shape, attention, RoPE (position interpolation is HF's ``linear`` RoPE type), norms, init and
+    tied embeddings."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_interpolation != 1.0:
+        rope = {"rope_type": "linear", "factor": config.rope_interpolation, "rope_theta": config.rope_theta}
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.mixer.n_heads,
+        num_key_value_heads=config.mixer.n_kv_heads,
+        head_dim=config.mixer.resolved_head_dim(config.d_model),
+        hidden_act="silu",
+        max_position_embeddings=config.max_seq_len,
+        initializer_range=config.init_std,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_embeddings,
+    )
 
 
 def decoder_config_from_hf(hf, backend: str, ffn, problems: list[str], qk_norm_eps: float | None = None):
@@ -110,29 +125,13 @@ class LlamaAdapter(HFAdapter):
             return f"ffn kind {config.ffn.kind!r} (Llama's is swiglu)"
         return None
 
-    def _check(self, config) -> None:
-        problem = self.refusal(config)
-        if problem:
-            raise ValueError(f"cannot convert to {self.architecture}: {problem}")
-
     def config_to_hf(self, config):
         from transformers import LlamaConfig
 
         self._check(config)
         return LlamaConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.d_model,
+            **llama_like_fields(config),
             intermediate_size=config.ffn.d_ff,
-            num_hidden_layers=config.n_layers,
-            num_attention_heads=config.mixer.n_heads,
-            num_key_value_heads=config.mixer.n_kv_heads,
-            head_dim=config.mixer.resolved_head_dim(config.d_model),
-            hidden_act="silu",
-            max_position_embeddings=config.max_seq_len,
-            initializer_range=config.init_std,
-            rms_norm_eps=config.norm_eps,
-            **_rope_fields(config),
-            tie_word_embeddings=config.tie_embeddings,
             attention_bias=False,
             mlp_bias=False,
         )

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from models.attention.layer import AttentionConfig
-from models.decoder.hf import HEAD, RULES, decoder_config_from_hf
+from models.decoder.hf import HEAD, RULES, decoder_config_from_hf, llama_like_fields
 from models.ffn.moe.config import MoEConfig
 from models.hf import HFAdapter, TensorMap, TensorRule, expand_rules
 
@@ -78,29 +78,9 @@ class _MoEAdapter(HFAdapter):
     def _ffn_refusal(self, ffn: MoEConfig) -> str | None:
         return None
 
-    def _check(self, config) -> None:
-        problem = self.refusal(config)
-        if problem:
-            raise ValueError(f"cannot convert to {self.architecture}: {problem}")
-
     def _common_to_hf(self, config) -> dict:
         return dict(
-            vocab_size=config.vocab_size,
-            hidden_size=config.d_model,
-            num_hidden_layers=config.n_layers,
-            num_attention_heads=config.mixer.n_heads,
-            num_key_value_heads=config.mixer.n_kv_heads,
-            head_dim=config.mixer.resolved_head_dim(config.d_model),
-            hidden_act="silu",
-            max_position_embeddings=config.max_seq_len,
-            initializer_range=config.init_std,
-            rms_norm_eps=config.norm_eps,
-            rope_parameters=(
-                {"rope_type": "default", "rope_theta": config.rope_theta}
-                if config.rope_interpolation == 1.0
-                else {"rope_type": "linear", "factor": config.rope_interpolation, "rope_theta": config.rope_theta}
-            ),
-            tie_word_embeddings=config.tie_embeddings,
+            **llama_like_fields(config),
             num_experts_per_tok=config.ffn.top_k,
             router_aux_loss_coef=config.ffn.aux_loss_coef / config.ffn.top_k,
             sliding_window=None,

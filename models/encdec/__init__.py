@@ -2,6 +2,7 @@
 trained on span corruption (objective.py, data/span_corruption.py), converted to and from
 Hugging Face ``T5ForConditionalGeneration`` (hf.py)."""
 
+from models import causal_lm
 from models.encdec import objective
 from models.encdec.counting import row_training_flops
 from models.encdec.config import EncDecConfig
@@ -15,9 +16,9 @@ SPEC = register_family(
         config=EncDecConfig,
         build=EncoderDecoder,
         inputs=objective.inputs,
-        targets=objective.targets,
-        loss_tokens=objective.loss_tokens,
-        loss=objective.loss,
+        targets=causal_lm.targets,
+        loss_tokens=causal_lm.loss_tokens,
+        loss=causal_lm.loss,
         hf=(T5_ADAPTER,),
         task=objective.task,
         row_flops=row_training_flops,

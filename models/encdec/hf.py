@@ -62,11 +62,6 @@ class T5Adapter(HFAdapter):
             return f"ffn kind {config.ffn.kind!r} (T5's are gated_gelu and relu)"
         return None
 
-    def _check(self, config) -> None:
-        problem = self.refusal(config)
-        if problem:
-            raise ValueError(f"cannot convert to {self.architecture}: {problem}")
-
     def config_to_hf(self, config):
         from transformers import T5Config
 

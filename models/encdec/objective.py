@@ -5,7 +5,8 @@ A batch holds, each [B, Se], the encoder's ``input_ids``, ``position_ids`` and `
 each [B, Sd], the decoder's ``decoder_input_ids`` (the targets shifted right behind the decoder
 start token, per packed example), ``decoder_position_ids``, ``decoder_doc_ids``, ``labels`` and
 ``loss_mask`` (0 on padding). The loss is the cross entropy of ``labels`` under the mask, summed
-and divided by the step's normaliser, as for causal models (models/loss.py).
+and divided by the step's normaliser: the family declares causal models' ``targets``,
+``loss_tokens`` and ``loss`` (models/causal_lm.py; it has no fused loss head).
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from collections.abc import Mapping
 
 import torch
 
-from models.loss import language_model_loss
-from models.spec import LossSettings
-
 ENCODER_KEYS = ("input_ids", "position_ids", "doc_ids")
 DECODER_KEYS = ("decoder_input_ids", "decoder_position_ids", "decoder_doc_ids", "labels", "loss_mask")
 
@@ -24,22 +22,6 @@ DECODER_KEYS = ("decoder_input_ids", "decoder_position_ids", "decoder_doc_ids", 
 def inputs(batch: Mapping[str, torch.Tensor]) -> tuple[tuple, dict]:
     keys = ("decoder_input_ids", "position_ids", "doc_ids", "decoder_position_ids", "decoder_doc_ids")
     return (batch["input_ids"],), {key: batch[key] for key in keys}
-
-
-def targets(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"labels": batch["labels"], "loss_mask": batch["loss_mask"]}
-
-
-def loss_tokens(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return batch["loss_mask"].sum()
-
-
-def loss(
-    logits: torch.Tensor, targets: Mapping[str, torch.Tensor], normalizer, settings: LossSettings
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return language_model_loss(
-        logits, targets["labels"], targets["loss_mask"], z_loss=settings.z_loss, normalizer=normalizer
-    )
 
 
 def task(model_config, data_config, split_name: str, num_samples: int | None):

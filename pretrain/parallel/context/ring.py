@@ -180,21 +180,29 @@ def _fused_backward(q, k, v, d_out, out, lse, block: Block, scale) -> tuple[torc
     return dq.float(), _sum_kv_heads(dk.float(), k.shape[1]), _sum_kv_heads(dv.float(), k.shape[1])
 
 
+def _circulate(plan: RingPlan, current: torch.Tensor):
+    """Yields (source rank, the K/V block from it) for each of the cp steps; while the caller
+    attends one block, the transfer of the next is in flight (sent on to rank r+1)."""
+    for step in range(plan.size):
+        pending, incoming = [], None
+        if step < plan.size - 1:
+            incoming = torch.empty_like(current)
+            pending = plan.exchange(current, incoming, _KV_TAG)
+        yield (plan.rank - step) % plan.size, current
+        for work in pending:
+            work.wait()
+        current = incoming
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: RingPlan):
         scale = q.shape[-1] ** -0.5 if plan.scale is None else plan.scale
         fused = plan.fused(q.device)
         q_in = q if fused else q.float()
-        current = torch.stack([k, v])  # sent in the model's dtype
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        for step in range(plan.size):
-            source = (plan.rank - step) % plan.size
-            pending, incoming = [], None
-            if step < plan.size - 1:
-                incoming = torch.empty_like(current)
-                pending = plan.exchange(current, incoming, _KV_TAG)
+        for source, current in _circulate(plan, torch.stack([k, v])):  # sent in the model's dtype
             block = plan.blocks[source]
             if block is not None:
                 q_b, k_b, v_b = q_in[:, :, block.rows], current[0][:, :, block.cols], current[1][:, :, block.cols]
@@ -208,10 +216,6 @@ class _RingAttention(torch.autograd.Function):
                 out[:, :, block.rows] = (out[:, :, block.rows] * torch.exp(rows_lse - safe)[..., None]
                                          + block_out * torch.exp(block_lse - safe)[..., None])
                 lse[:, :, block.rows] = merged
-            for work in pending:
-                work.wait()
-            if incoming is not None:
-                current = incoming
         # In [B, S, H, D] memory, as SDPA returns it: the layer's reshape to [B, S, H·D] for its
         # output projection is then a view, and the saved output and that input share storage.
         out = out.transpose(1, 2).contiguous().transpose(1, 2)
@@ -231,14 +235,8 @@ class _RingAttention(torch.autograd.Function):
             delta = (d_out * out).sum(-1)
         lse = _finite(lse)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        current = torch.stack([k, v])
         grad, grad_pending, grad_incoming = None, [], None
-        for step in range(plan.size):
-            source = (plan.rank - step) % plan.size
-            pending, incoming = [], None
-            if step < plan.size - 1:
-                incoming = torch.empty_like(current)
-                pending = plan.exchange(current, incoming, _KV_TAG)
+        for source, current in _circulate(plan, torch.stack([k, v])):
             block = plan.blocks[source]
             part = None
             if block is not None:
@@ -263,10 +261,6 @@ class _RingAttention(torch.autograd.Function):
             if plan.size > 1:
                 grad_incoming = torch.empty_like(grad)
                 grad_pending = plan.exchange(grad, grad_incoming, _GRAD_TAG)
-            for work in pending:
-                work.wait()
-            if incoming is not None:
-                current = incoming
         for work in grad_pending:
             work.wait()
         own = grad_incoming if plan.size > 1 else grad  # after cp hops: this rank's own block
