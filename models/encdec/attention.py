@@ -35,36 +35,48 @@ class BiasedPlan:
 
 class BiasedAttention(torch.autograd.Function):
     """softmax(scale·q·kᵀ + additive)·v for q [B, H, Sq, D], k and v [B, H, Sk, D]; the
-    gradient of ``additive`` goes to ``bias`` (their values agree wherever a key is visible)."""
+    gradient of ``additive`` goes to ``bias`` (their values agree wherever a key is visible).
+
+    The products run one batch row at a time (``_per_row``): q, k and v arrive as head views of
+    [B, S, H·D] projections, and one row's [H, S, D] view is a strided batch the GEMM reads as it
+    is, whereas one [B·H, S, D] batch would need a copy of each. The scores start as the row's
+    slice of ``additive`` (a contiguous copy) and take q·kᵀ by ``baddbmm`` in place."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, additive, scale: float):
-        batch, heads, q_len, dim = q.shape
-        kv_len = k.shape[2]
-        q3, k3, v3 = (t.reshape(batch * heads, -1, dim) for t in (q, k, v))
-        base = additive.to(q.dtype).expand(batch, heads, q_len, kv_len).reshape(batch * heads, q_len, kv_len)
-        probs = torch.baddbmm(base, q3, k3.transpose(1, 2), alpha=scale).softmax(-1)
-        ctx.save_for_backward(q3, k3, v3, probs)
+        batch, heads, q_len, _ = q.shape
+        additive = additive.to(q.dtype)
+        scores = q.new_empty(batch, heads, q_len, k.shape[2])
+        for row in range(batch):
+            torch.baddbmm(additive[row % additive.shape[0]], q[row], k[row].transpose(1, 2), alpha=scale,
+                          out=scores[row])
+        probs = scores.softmax(-1)
+        del scores
+        ctx.save_for_backward(q, k, v, probs)
         ctx.scale, ctx.bias_shape = scale, bias.shape
-        return torch.bmm(probs, v3).view(batch, heads, q_len, dim)
+        return _per_row(probs, v)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q3, k3, v3, probs = ctx.saved_tensors
-        batch, heads, q_len, dim = grad_out.shape
-        grad3 = grad_out.reshape(batch * heads, q_len, dim)
-        grad_v = torch.bmm(probs.transpose(1, 2), grad3)
-        grad_scores = torch._softmax_backward_data(torch.bmm(grad3, v3.transpose(1, 2)), probs, -1, probs.dtype)
-        grad_q = torch.bmm(grad_scores, k3)
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), q3)
+        q, k, v, probs = ctx.saved_tensors
+        grad_v = _per_row(probs.transpose(2, 3), grad_out)
+        grad_scores = torch._softmax_backward_data(_per_row(grad_out, v.transpose(2, 3)), probs, -1, probs.dtype)
+        grad_q = _per_row(grad_scores, k)
+        grad_k = _per_row(grad_scores.transpose(2, 3), q)
         if ctx.scale != 1.0:
             grad_q.mul_(ctx.scale)
             grad_k.mul_(ctx.scale)
-        grad_bias = None
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_scores.view(batch, heads, q_len, -1).sum_to_size(ctx.bias_shape)
-        shape = (batch, heads, -1, dim)
-        return grad_q.view(shape), grad_k.view(shape), grad_v.view(shape), grad_bias, None, None
+        grad_bias = grad_scores.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None
+        return grad_q, grad_k, grad_v, grad_bias, None, None
+
+
+def _per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b for a [B, H, M, K] and b [B, H, K, N] of any strides (each row's [H, ·, ·] a strided
+    batch), into a new contiguous [B, H, M, N]."""
+    out = a.new_empty(a.shape[0], a.shape[1], a.shape[2], b.shape[3])
+    for row in range(a.shape[0]):
+        torch.bmm(a[row], b[row], out=out[row])
+    return out
 
 
 class EncDecSDPA(SDPABackend):
