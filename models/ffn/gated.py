@@ -71,7 +71,7 @@ class _GatedGELU(torch.autograd.Function):
         grad_gate = None
         if ctx.needs_input_grad[0]:
             slope = (gate * gate).mul_(3 * TWO_C * CUBIC).add_(TWO_C).mul_(gate)
-            grad_gate = slope.mul_(torch.rsub(sig, 1)).add_(1).mul_(sig).mul_(grad).mul_(up)
+            grad_gate = slope.addcmul_(slope, sig, value=-1).add_(1).mul_(sig).mul_(grad).mul_(up)  # slope·(1 − s)
         return grad_gate, grad_up
 
 

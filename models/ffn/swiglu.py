@@ -39,14 +39,18 @@ class _GatedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # autograd's own ops for silu(gate) * up, with silu(gate) recomputed: the same bits.
+        # Products commute, so writing into fresh results instead of making new ones keeps the bits.
         gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = grad * up
+            torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        grad_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
         return grad_gate, grad_up
 
 
