@@ -40,7 +40,9 @@ class BiasedAttention(torch.autograd.Function):
     The products run one batch row at a time (``_per_row``): q, k and v arrive as head views of
     [B, S, H·D] projections, and one row's [H, S, D] view is a strided batch the GEMM reads as it
     is, whereas one [B·H, S, D] batch would need a copy of each. The scores start as the row's
-    slice of ``additive`` (a contiguous copy) and take q·kᵀ by ``baddbmm`` in place."""
+    slice of ``additive`` (a contiguous copy) and take q·kᵀ by ``baddbmm`` in place; softmax and
+    its backward write over their inputs (on CPU each fresh [B, H, S, S] tensor costs its page
+    faults)."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, additive, scale: float):
@@ -50,8 +52,7 @@ class BiasedAttention(torch.autograd.Function):
         for row in range(batch):
             torch.baddbmm(additive[row % additive.shape[0]], q[row], k[row].transpose(1, 2), alpha=scale,
                           out=scores[row])
-        probs = scores.softmax(-1)
-        del scores
+        probs = torch._softmax(scores, -1, False, out=scores)  # in place: row-wise, checked by the tests
         ctx.save_for_backward(q, k, v, probs)
         ctx.scale, ctx.bias_shape = scale, bias.shape
         return _per_row(probs, v)
@@ -60,7 +61,8 @@ class BiasedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, probs = ctx.saved_tensors
         grad_v = _per_row(probs.transpose(2, 3), grad_out)
-        grad_scores = torch._softmax_backward_data(_per_row(grad_out, v.transpose(2, 3)), probs, -1, probs.dtype)
+        grad_probs = _per_row(grad_out, v.transpose(2, 3))
+        grad_scores = torch.ops.aten._softmax_backward_data.out(grad_probs, probs, -1, probs.dtype, grad_input=grad_probs)
         grad_q = _per_row(grad_scores, k)
         grad_k = _per_row(grad_scores.transpose(2, 3), q)
         if ctx.scale != 1.0:
