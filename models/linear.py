@@ -2,9 +2,9 @@
 
 On CPU, aten's fp32 ``mm`` calls MKL's sgemm. Which library is faster depends on the CPU
 (``python bench/cpu_gemm.py``, tables in docs/benchmarks.md):
-- on the development machine of 2026-11-24 (recorded as AMD EPYC Zen 4), oneDNN reached 101-112
-  GFLOP/s per core on the tiny and 125m presets' forward and input-gradient products against
-  aten's 59-102 (5-15% faster in isolation, ~5% over a real step);
+- on the development machine of 2026-11-24 (recorded as AMD EPYC Zen 4, AVX-512), oneDNN's
+  forward and input-gradient products of the tiny and 125m presets were 5-15% faster than aten's
+  in isolation (most shapes), ~5% over a real tiny step;
 - on an AVX2-only AMD EPYC VM (2026-12-04, ``--presets tiny --tokens 2048 --repeats 10``), aten
   was faster in 5 of 6 forward shapes and in every input gradient, and the T5 step
   (``bench/encdec_step.py``) ran 1.07× faster with aten than with oneDNN.
