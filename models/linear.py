@@ -5,9 +5,10 @@ On CPU, aten's fp32 ``mm`` calls MKL's sgemm. Which library is faster depends on
 - on the development machine of 2026-11-24 (recorded as AMD EPYC Zen 4, AVX-512), oneDNN's
   forward and input-gradient products of the tiny and 125m presets were 5-15% faster than aten's
   in isolation (most shapes), ~5% over a real tiny step;
-- on an AVX2-only AMD EPYC VM (2026-12-04, ``--presets tiny --tokens 2048 --repeats 10``), aten
-  was faster in 5 of 6 forward shapes and in every input gradient, and the T5 step
-  (``bench/encdec_step.py``) ran 1.07× faster with aten than with oneDNN.
+- on an AVX2-only AMD EPYC VM (2026-12-04, ``--presets tiny --tokens 2048 --repeats 10``, three
+  runs), aten's forward and input-gradient products of the tiny preset took 0.90-0.975 of
+  oneDNN's time (over a whole T5 step, ``bench/encdec_step.py``, the two are within run-to-run
+  spread).
 So oneDNN is used only when torch reports AVX-512 (``PREFER_ONEDNN``, decided once at import);
 elsewhere the layer is ``F.linear``. Where it is used, the forward product x·Wᵀ and the input
 gradient g·W run on oneDNN; the weight gradient gᵀ·x stays on aten, where oneDNN is no
