@@ -6,16 +6,16 @@ independent single-process loops (the global K/V projections and the cross-decod
 are sharded by head under TP).
 
 One process does not pin YOCO's loss to 1e-5. With aten's GEMMs (AVX2 CPU, 2026-12-04) the
-single-process loss at step 3 is 5.2140040, 5.2139989, 5.2139771, 5.2139773 at micro-batches of
-1, 2, 4, 8 sequences, and 5.2139761-5.2139771 with oneDNN's GEMMs at any of them (2.2e-5 between
-the two libraries at 2 sequences). The cause is one embedding element: token 73 occurs once in
-step 2's batch and its gradient there, about -1e-7, is the size of rounding (+2.1e-8 with aten at
-2 sequences, -1.08e-7 with aten at 4 or oneDNN at 2); Adam (ε 1e-8) moves the element by a
-fraction of lr in the gradient's sign whatever its size, so the runs end step 2 with that weight
-3.06e-3 apart (moving that one element and its Adam moments from the 4-sequence run into the
-2-sequence run after step 2 gives the 4-sequence loss, 5.2139771; with ε 1e-6 the eight runs
-spread 5.4e-7 at step 3 instead of 2.8e-5). TP2, TP2+SP, FSDP2, DDP2 and TP2×FSDP2 give 5.2139755-5.2139822, inside that
-spread and 1.7e-5 from the 2-sequence run; PP2 runs that run's micro-batches in its order and
+single-process loss at step 3 is 5.2140040, 5.2139989, 5.2139771, 5.2139773 at micro-batches of 1,
+2, 4, 8 sequences, and 5.2139761-5.2139771 with oneDNN's GEMMs at any of them (2.2e-5 between the
+two libraries at 2 sequences). The cause is one embedding element: token 73 occurs once in step
+2's batch and its gradient there, about -1e-7, is the size of rounding (+2.1e-8 with aten at 2
+sequences, -1.08e-7 with aten at 4 or oneDNN at 2); Adam (ε 1e-8) moves the element by a fraction
+of lr in the gradient's sign whatever its size, so the runs end step 2 with that weight 3.06e-3
+apart (moving that one element and its Adam moments from the 4-sequence run into the 2-sequence
+run after step 2 gives the 4-sequence loss, 5.2139771; with ε 1e-6 the eight runs spread 5.4e-7 at
+step 3 instead of 2.8e-5). TP2, TP2+SP, FSDP2, DDP2 and TP2×FSDP2 give 5.2139755-5.2139822, inside
+that spread and 1.7e-5 from the 2-sequence run; PP2 runs that run's micro-batches in its order and
 matches it exactly. So each layout is compared with the interval spanned by one process at
 micro-batches of 1, 2, 4 and 8 sequences (``check_ranks_in_spread``: within 1e-5 of it, the
 interval under 1e-4 wide)."""
