@@ -3,8 +3,8 @@ layer of a preset: forward x·Wᵀ, input gradient g·W and weight gradient gᵀ
 
     python bench/cpu_gemm.py --presets tiny 125m --tokens 1024 --threads 1
 
-This is the measurement behind models/linear.py's choice (oneDNN for the forward and the input
-gradient, aten for the weight gradient and for the input gradient of very large weights). Each product is timed in the layout autograd hands it
+This is the measurement behind models/linear.py's choice (on AVX-512 CPUs oneDNN for the forward
+and the input gradient, aten for the weight gradient and for the input gradient of very large weights). Each product is timed in the layout autograd hands it
 over (no copies made for it); reported is GFLOP/s of the median of ``--repeats`` calls in
 process CPU time.
 """

@@ -11,8 +11,8 @@ alternating so that a slow spell on a shared machine hits both:
   torch.nn.functional.cross_entropy, torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW;
 - ``ours``: models.spec.build_model, models.loss.language_model_loss, pretrain.parallel.clip and
   pretrain.optim.build_optimizer (fused AdamW), as the trainer runs them;
-- ``ours-aten``: the same with every linear layer on aten's GEMM (the path models/linear.py takes
-  without oneDNN) instead of oneDNN's, to measure that choice on the machine at hand.
+- ``ours-onednn``: the same with every fp32 linear layer on oneDNN's GEMM (what models/linear.py
+  chooses on AVX-512 CPUs only), to measure that choice on the machine at hand.
 
 fp32, the same random rows: ``--batch`` rows of ``--enc`` encoder and ``--dec`` decoder tokens
 (t5-tiny's span corruption: 256 and 58). One step = forward, cross entropy, backward, clipping,
@@ -36,16 +36,16 @@ import time
 
 import torch
 
-VARIANTS = ("hf-t5", "ours", "ours-aten")
+VARIANTS = ("hf-t5", "ours", "ours-onednn")
 
 
 def build_step(variant: str, model_config):
     from models.spec import build_model
 
-    if variant == "ours-aten":
+    if variant == "ours-onednn":
         import models.linear
 
-        models.linear.ONEDNN_AVAILABLE = False
+        models.linear.PREFER_ONEDNN = models.linear.ONEDNN_AVAILABLE
     ours = build_model(model_config)
     if variant == "hf-t5":
         from models.encdec.hf import T5_ADAPTER

@@ -10,7 +10,7 @@ alternating so that a slow spell on a shared machine hits all of them:
   (attn_implementation="sdpa"), torch.nn.functional.cross_entropy, torch.nn.utils.clip_grad_norm_
   and torch.optim.AdamW (its default foreach kernels);
 - ``ours``: the project's pieces as the trainer runs them: models.spec.build_model (oneDNN CPU
-  GEMMs, models/linear.py), models.loss.language_model_loss, pretrain.parallel.clip and
+  GEMMs on AVX-512 CPUs, models/linear.py), models.loss.language_model_loss, pretrain.parallel.clip and
   pretrain.optim.build_optimizer (fused AdamW);
 - ``ours+compile``: the same with every block compiled (pretrain.parallel.compile, inductor).
 

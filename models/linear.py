@@ -1,9 +1,17 @@
-"""Bias-free linear layer whose fp32 CPU matrix products run on oneDNN.
+"""Bias-free linear layer whose fp32 CPU matrix products run on oneDNN where that was measured faster.
 
-On CPU, aten's fp32 ``mm`` calls MKL's sgemm. On the AMD EPYC (Zen 4) machines this project is
-developed and tested on, MKL reaches 80-92% of a core's fp32 peak on this model's shapes, oneDNN's
-AVX-512 kernels 95-100% (``python bench/cpu_gemm.py``). So the forward product x·Wᵀ and the
-input gradient g·W run on oneDNN; the weight gradient gᵀ·x stays on aten, where oneDNN is no
+On CPU, aten's fp32 ``mm`` calls MKL's sgemm. Which library is faster depends on the CPU
+(``python bench/cpu_gemm.py``, tables in docs/benchmarks.md):
+- on the development machine of 2026-11-24 (recorded as AMD EPYC Zen 4, AVX-512), oneDNN's
+  forward and input-gradient products of the tiny and 125m presets were 5-15% faster than aten's
+  in isolation (most shapes), ~5% over a real tiny step;
+- on an AVX2-only AMD EPYC VM (2026-12-04, ``--presets tiny --tokens 2048 --repeats 10``, three
+  runs), aten's forward and input-gradient products of the tiny preset took 0.90-0.975 of
+  oneDNN's time (over a whole T5 step, ``bench/encdec_step.py``, the two are within run-to-run
+  spread).
+So oneDNN is used only when torch reports AVX-512 (``PREFER_ONEDNN``, decided once at import);
+elsewhere the layer is ``F.linear``. Where it is used, the forward product x·Wᵀ and the input
+gradient g·W run on oneDNN; the weight gradient gᵀ·x stays on aten, where oneDNN is no
 faster (it would need transposed copies of both operands). For g·W oneDNN first copies Wᵀ;
 that transposed copy is cheap while W fits in cache and slow beyond (in the 125m preset's real
 step: 0.3 ms for a 768×768 weight, 17.6 ms for 2560×768), so for weights over ``LARGE_WEIGHT``
@@ -14,8 +22,8 @@ own autograd formula and a shape-only fake implementation: inductor keeps it as 
 and fuses the elementwise code around it. Eager code runs the same kernels from an
 autograd.Function. FlopCounterMode and the ``op`` recompute policy know both ops (GEMM_OPS).
 
-Everywhere else (CUDA, dtypes other than fp32, CPU autocast, DTensor-sharded weights under tensor
-parallelism, builds without oneDNN) the layer is exactly ``nn.Linear(bias=False)``.
+Everywhere else (CPUs without AVX-512, CUDA, dtypes other than fp32, CPU autocast, DTensor-sharded
+weights under tensor parallelism, builds without oneDNN) the layer is exactly ``nn.Linear(bias=False)``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PREFER_ONEDNN = ONEDNN_AVAILABLE and torch.backends.cpu.get_cpu_capability() == "AVX512"
 _PLAIN = (torch.Tensor, nn.Parameter)
 LARGE_WEIGHT = 1 << 20
 
@@ -97,7 +106,7 @@ for _op in GEMM_OPS:
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear(x, weight)`` takes the oneDNN path."""
     return (
-        ONEDNN_AVAILABLE
+        PREFER_ONEDNN
         and type(x) in _PLAIN
         and type(weight) in _PLAIN
         and x.device.type == "cpu"
@@ -110,7 +119,7 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` (no bias), by oneDNN for plain fp32 CPU tensors."""
+    """``F.linear(x, weight)`` (no bias), by oneDNN for plain fp32 CPU tensors on AVX-512 CPUs."""
     if not uses_onednn(x, weight):
         return F.linear(x, weight)
     product = mm_nt if torch.compiler.is_compiling() else _MmNT.apply

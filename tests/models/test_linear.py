@@ -1,5 +1,6 @@
 """models/linear.py: the oneDNN CPU path against F.linear (aten's GEMM) in outputs and gradients,
-eager and traced by torch.compile, its FLOP count, and the cases that must fall back."""
+eager and traced by torch.compile, its FLOP count, and the cases that must fall back; oneDNN is
+chosen only on AVX-512 CPUs, and elsewhere the layer is exactly F.linear."""
 
 from __future__ import annotations
 
@@ -8,9 +9,38 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import models.linear
 from models.linear import ONEDNN_AVAILABLE, Linear, linear, uses_onednn
 
 pytestmark = pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this torch build has no oneDNN")
+CHOSEN = models.linear.PREFER_ONEDNN  # read before the fixture below sets it
+
+
+@pytest.fixture(autouse=True)
+def onednn_path(monkeypatch):
+    """The oneDNN path is tested wherever oneDNN exists, also on CPUs where it is not chosen."""
+    monkeypatch.setattr(models.linear, "PREFER_ONEDNN", True)
+
+
+def test_onednn_is_chosen_only_on_avx512_cpus():
+    assert CHOSEN == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+
+
+def test_without_onednn_the_layer_is_f_linear(monkeypatch):
+    """Where oneDNN is not chosen, the layer runs aten's GEMMs only, with F.linear's exact values."""
+    monkeypatch.setattr(models.linear, "PREFER_ONEDNN", False)
+    torch.manual_seed(0)
+    layer = Linear(64, 96)
+    x = torch.randn(3, 10, 64, requires_grad=True)
+    grad = torch.randn(3, 10, 96)
+    assert not uses_onednn(x, layer.weight)
+    names = ops_run(lambda: layer(x).backward(grad))
+    assert "mkldnn::_linear_pointwise" not in names and "aten::mm" in names
+    out = layer(x)
+    x.grad = layer.weight.grad = None
+    out.backward(grad)
+    ref_out, ref_x_grad, ref_w_grad = reference(x, layer.weight, grad)
+    assert torch.equal(out, ref_out) and torch.equal(x.grad, ref_x_grad) and torch.equal(layer.weight.grad, ref_w_grad)
 
 
 def reference(x, weight, grad):
