@@ -7,8 +7,8 @@ On CPU, aten's fp32 ``mm`` calls MKL's sgemm. Which library is faster depends on
   in isolation (most shapes), ~5% over a real tiny step;
 - on an AVX2-only AMD EPYC VM (2026-12-04, ``--presets tiny --tokens 2048 --repeats 10``, three
   runs), aten's forward and input-gradient products of the tiny preset took 0.90-0.975 of
-  oneDNN's time (over a whole T5 step, ``bench/encdec_step.py``, the two are within run-to-run
-  spread).
+  oneDNN's time, and a whole T5 step (``bench/encdec_step.py --steps 6``, six runs on the quiet
+  VM) ran 1.04-1.12x faster with aten's.
 So oneDNN is used only when torch reports AVX-512 (``PREFER_ONEDNN``, decided once at import);
 elsewhere the layer is ``F.linear``. Where it is used, the forward product x·Wᵀ and the input
 gradient g·W run on oneDNN; the weight gradient gᵀ·x stays on aten, where oneDNN is no
