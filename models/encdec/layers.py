@@ -139,6 +139,14 @@ class T5Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
+def residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch, written into ``branch`` when it is a sublayer's fresh output (not a view: an
+    MoE layer returns a view made inside its autograd Function, which must not change in place):
+    addition commutes, so the bits are x + branch's, and on CPU a fresh activation-sized tensor
+    costs its page faults."""
+    return x + branch if branch._is_view() else branch.add_(x)
+
+
 class EncoderBlock(nn.Module):
     """x += attention(norm(x)); x += ffn(norm(x)) (bidirectional self-attention)."""
 
@@ -173,10 +181,10 @@ class EncoderBlock(nn.Module):
 
     def _ffn(self, x: torch.Tensor, ctx: EncDecContext) -> torch.Tensor:
         h = self.ffn_norm(x)
-        return x + (self.ffn(h, ctx) if self.ffn_context else self.ffn(h))
+        return residual(x, self.ffn(h, ctx) if self.ffn_context else self.ffn(h))
 
     def forward(self, x: torch.Tensor, ctx: EncDecContext) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), ctx)
+        x = residual(x, self.mixer(self.mixer_norm(x), ctx))
         return self._ffn(x, ctx)
 
 
@@ -198,6 +206,6 @@ class DecoderBlock(EncoderBlock):
         return {**super().tp_plan(), "cross_norm": Tokenwise(), "cross": GatherInputs((True, False))}
 
     def forward(self, x: torch.Tensor, ctx: EncDecContext) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), ctx)
-        x = x + self.cross(self.cross_norm(x), ctx)
+        x = residual(x, self.mixer(self.mixer_norm(x), ctx))
+        x = residual(x, self.cross(self.cross_norm(x), ctx))
         return self._ffn(x, ctx)

@@ -165,3 +165,28 @@ def test_configs_transformers_cannot_hold_are_refused():
         T5_ADAPTER.tensor_map(_config(ffn=SwiGLUConfig(d_ff=64)))
     with pytest.raises(ValueError, match="relative_buckets"):
         _config(relative_buckets=31).validate()
+
+
+@pytest.mark.parametrize("ffn", [GatedGELUConfig(d_ff=80), SwiGLUConfig(d_ff=64), MoEConfig(n_experts=4, top_k=2, d_ff=32),
+                                 MatFormerConfig(d_ff=64, granularities=[32, 64])], ids=lambda f: f.kind)
+def test_in_place_residuals_give_the_out_of_place_bits_and_gradients(ffn, monkeypatch):
+    """The blocks add each residual into the sublayer's output (models/encdec/layers.py
+    ``residual``); with every FFN kind autograd accepts that and the loss and every gradient equal
+    those of ``x + branch``."""
+    import models.encdec.layers as layers
+
+    def loss_and_grads():
+        torch.manual_seed(5)
+        model = build_model(_config(backend="sdpa", ffn=ffn))
+        inputs, decoder = torch.randint(0, 211, (2, 17)), torch.randint(0, 211, (2, 12))
+        loss = model(inputs, decoder_input_ids=decoder).logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(layers, "residual", lambda x, branch: x + branch)
+    ref_loss, ref_grads = loss_and_grads()
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        assert torch.equal(grad, ref_grads[name]), name
