@@ -140,11 +140,14 @@ class T5Attention(nn.Module):
 
 
 def residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """x + branch, written into ``branch`` when it is a sublayer's fresh output (not a view: an
-    MoE layer returns a view made inside its autograd Function, which must not change in place):
+    """x + branch, written into ``branch`` when it is a sublayer's fresh plain output in eager
+    code (not a view: an MoE layer returns a view made inside its autograd Function, which must
+    not change in place; compiled code fuses the add anyway; DTensors keep the plain add):
     addition commutes, so the bits are x + branch's, and on CPU a fresh activation-sized tensor
     costs its page faults."""
-    return x + branch if branch._is_view() else branch.add_(x)
+    if torch.compiler.is_compiling() or type(branch) is not torch.Tensor or branch._is_view():
+        return x + branch
+    return branch.add_(x)
 
 
 class EncoderBlock(nn.Module):
