@@ -7,15 +7,14 @@
 GELU is the tanh approximation, HF's ``gelu_new``, which T5 v1.1 checkpoints use. On CPU it is
 computed as x·σ(2z) (= ½x(1 + tanh z), z = √(2/π)(x + 0.044715x³)): torch's CPU ``tanh`` costs
 3.6× its ``sigmoid`` (4.4 vs 1.2 ms over 2048×640 fp32 values, one thread of the AVX2 test VM),
-and ``F.gelu(approximate="tanh")`` 2× this form (5.8 vs 2.9 ms), which agrees with it to a few ulp. With autograd the gated product
-``gelu_tanh(gate) ⊙ up`` is one Function (``_GatedGELU``) whose backward is the same arithmetic.
+and ``F.gelu(approximate="tanh")`` 2× this form (5.8 vs 2.9 ms), which agrees with it to a few
+ulp. With autograd the gated product ``gelu_tanh(gate) ⊙ up`` is one Function (``_GatedGELU``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +55,8 @@ def _sigmoid_2z(x: torch.Tensor) -> torch.Tensor:
 
 class _GatedGELU(torch.autograd.Function):
     """gelu_tanh(gate) ⊙ up on CPU, keeping gate, up and σ(2z) (as many tensors as autograd keeps
-    for the plain ops). d gelu_tanh / dx = s + x·s(1 − s)·2z′ with s = σ(2z), 2z′ = TWO_C(1 + 3·CUBIC·x²)."""
+    for the plain ops). d gelu_tanh / dx = s + x·s(1 − s)·2z′, with s = σ(2z) and
+    2z′ = TWO_C(1 + 3·CUBIC·x²)."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

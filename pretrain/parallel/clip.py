@@ -10,9 +10,9 @@ training run, depend on the layout.
 
 On CPU, ``_foreach_norm(..., dtype=float64)`` converts each whole gradient to an fp64 copy first
 (1 GB of fresh memory per step for the 125m preset: 1.3 s of its ~10 s CPU step); even cut into
-pieces it allocates a fresh fp64 copy of each (t5-tiny's 9.2M gradients: 83 ms, mostly page
+pieces it allocates a fresh fp64 copy of each (12.4M gradient entries: 83 ms, mostly page
 faults). Plain CPU gradients are therefore copied ``CPU_CHUNK`` elements at a time into one
-reused fp64 buffer, which stays in cache, and summed there by ``dot`` (9 ms): the same exact
+reused fp64 buffer, which stays in cache, and summed there by ``dot`` (11 ms): the same exact
 squares, summed in fp64.
 """
 
@@ -59,7 +59,8 @@ def global_grad_norm(params: Iterable[torch.Tensor], pp_group: dist.ProcessGroup
     for grads in _grad_groups(params).values():
         if not isinstance(grads[0], DTensor):
             on_cpu = [g for g in grads if g.device.type == "cpu"]
-            squares.append(_cpu_square_sum(on_cpu))
+            if on_cpu:
+                squares.append(_cpu_square_sum(on_cpu))
             grads = [g for g in grads if g.device.type != "cpu"]
             if not grads:
                 continue

@@ -58,3 +58,11 @@ def test_clip_scales_like_torch_and_skips_params_without_gradients():
     clipped = [p.grad.clone() for p in params[:2]]
     assert math.isclose(clip_grad_norm_(params, 0.0), _exact_norm(params[:2]), rel_tol=1e-6)  # 0: no clipping
     assert all(torch.equal(p.grad, before) for p, before in zip(params[:2], clipped))
+
+
+def test_gradients_off_the_cpu_keep_the_norm_on_their_device():
+    """A group of non-CPU gradients (here on the meta device, standing in for CUDA) is summed on
+    its device alone: the CPU path adds nothing for it (a CPU zero would not stack with it)."""
+    p = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+    p.grad = torch.empty(4, 3, device="meta")
+    assert global_grad_norm([p]).device.type == "meta"
