@@ -82,7 +82,8 @@ def gated_gelu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.gelu(gate, approximate="tanh") * up
     if type(gate) is torch.Tensor and type(up) is torch.Tensor and torch.is_grad_enabled():
         return _GatedGELU.apply(gate, up)
-    return gate * torch.sigmoid(TWO_C * (gate + CUBIC * gate * gate * gate)) * up
+    # _sigmoid_2z's ops in its order, out of place (DTensors, no autograd): the Function's bits.
+    return gate * torch.sigmoid((gate * gate * (TWO_C * CUBIC) + TWO_C) * gate) * up
 
 
 class GatedGELU(SwiGLU):
